@@ -1,0 +1,126 @@
+from dataclasses import dataclass, field
+
+from trl import RLOOConfig
+
+
+# The paper's self-correction instruction for MATH (Kumar et al. 2024, Appendix), used as the default.
+MATH_CORRECTION_INSTRUCTION = (
+    "There might be an error in the solution above because of lack of understanding of the question. Please correct "
+    "the error, if any, and rewrite the solution. Only output the final solution! At the end of the Solution, when "
+    'you give your final answer, write it in the form "Final Answer: The final answer is $answer$. I hope it is '
+    'correct."'
+)
+
+
+@dataclass
+class SCoReConfig(RLOOConfig):
+    r"""
+    Configuration class for [`SCoReTrainer`].
+
+    Inherits every parameter of [`~trl.RLOOConfig`]. What differs:
+
+    - Each prompt gets two attempts: the first attempt y1, then the correction instruction as a new user turn, then a
+      second attempt y2. Both attempts are trained; the instruction tokens are attended to but never trained.
+    - Training runs in two stages on one schedule: Stage I for the first `stage_one_steps` optimizer steps, then
+      Stage II. Stage I trains turn 2 on r(y2) with `beta` KL and holds turn 1 to the reference with `beta2` KL only;
+      Stage II trains turn 1 on r(y1) and turn 2 on r(y2) + `alpha`·(r(y2) − r(y1)), with `beta` KL on both turns.
+    - The KL is a per-token loss term (the k3 estimator exp(ref − logp) − (ref − logp) − 1, summed over each turn's
+      tokens) instead of RLOO's first-order penalty folded into the reward: a penalty in the reward only reaches turn 1
+      through a noisy leave-one-out advantage, while the loss term pulls every turn-1 token towards the reference
+      directly, which is what Stage I relies on. Rewards, advantages and the logged `reward` carry no KL.
+    - Advantages are RLOO's leave-one-out baseline computed per turn within each prompt's group of `num_generations`.
+
+    Defaults changed from [`~trl.RLOOConfig`]: `beta` is β1 = 0.01 and `learning_rate` 5e-6, the paper's values.
+
+    Parameters:
+        stage_one_steps (`int`, *optional*, defaults to `100`):
+            Number of optimizer steps trained in Stage I before switching to Stage II. `0` skips Stage I; a value of
+            at least `max_steps` trains Stage I only.
+        beta2 (`float`, *optional*, defaults to `0.1`):
+            β2, the KL coefficient that holds turn 1 near the reference model in Stage I (paper: 0.1, 0.25 for code).
+        alpha (`float`, *optional*, defaults to `10.0`):
+            α, the Stage II bonus on turn 2: its reward is r(y2) + α·(r(y2) − r(y1)).
+        correction_instruction (`str`, *optional*):
+            The self-correction instruction sent as the user turn between the two attempts. Defaults to the paper's
+            MATH instruction. A dataset column `correction_instruction` overrides it per row.
+        correct_threshold (`float`, *optional*, defaults to `0.5`):
+            An attempt counts as correct, for the self-correction metrics only, when its reward is at least this.
+    """
+
+    learning_rate: float = field(
+        default=5e-6,
+        metadata={"help": "The initial learning rate for AdamW (paper: 5e-6)."},
+    )
+    beta: float = field(
+        default=0.01,
+        metadata={
+            "help": "β1: KL coefficient on turn 2 in Stage I and on both turns in Stage II (paper: 0.01). Must be > 0 "
+            "when beta2 > 0, since RLOO drops the reference model when beta is 0."
+        },
+    )
+    beta2: float = field(
+        default=0.1,
+        metadata={"help": "β2: KL coefficient holding turn 1 near the reference in Stage I (paper: 0.1, 0.25 for code)."},
+    )
+    alpha: float = field(
+        default=10.0,
+        metadata={"help": "α: Stage II reward on turn 2 is r(y2) + alpha * (r(y2) - r(y1)) (paper: 10)."},
+    )
+    stage_one_steps: int = field(
+        default=100,
+        metadata={
+            "help": "Optimizer steps trained in Stage I before Stage II starts. 0 skips Stage I; a value >= max_steps "
+            "trains Stage I only."
+        },
+    )
+    correction_instruction: str = field(
+        default=MATH_CORRECTION_INSTRUCTION,
+        metadata={
+            "help": "User turn inserted between the first and second attempt. A dataset column "
+            "`correction_instruction` overrides it per row. Defaults to the paper's MATH instruction."
+        },
+    )
+    correct_threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": "An attempt counts as correct in the self-correction metrics (accuracy, incorrect->correct, "
+            "correct->incorrect) when its reward is >= this value."
+        },
+    )
+
+    def __post_init__(self):
+        # Checked before RLOOConfig's own checks so that the message names SCoRe's requirement and the fix.
+        if self.num_generations is None or self.num_generations < 2:
+            raise ValueError(
+                f"num_generations={self.num_generations}: SCoRe's leave-one-out baseline compares each attempt with "
+                "the other first attempts of the same prompt, so it needs at least 2. Set num_generations >= 2."
+            )
+        for name in ("beta", "beta2", "alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} is negative; KL and bonus coefficients must be >= 0.")
+        if self.stage_one_steps < 0:
+            raise ValueError(
+                f"stage_one_steps={self.stage_one_steps} is negative. Use 0 to skip Stage I, or a positive number of "
+                "optimizer steps."
+            )
+        if self.beta == 0 and self.beta2 > 0 and self.stage_one_steps > 0:
+            raise ValueError(
+                "beta=0 makes RLOOTrainer skip the reference model, but Stage I needs it for beta2 (the KL that holds "
+                "turn 1 near the reference). Set beta > 0 (paper: 0.01), or beta2=0 to train without a reference."
+            )
+        if not self.correction_instruction or not self.correction_instruction.strip():
+            raise ValueError("correction_instruction is empty; give the instruction that asks for a second attempt.")
+        super().__post_init__()
+
+        # Generation happens every `steps_per_generation * num_iterations` micro-steps and a whole generation batch is
+        # trained under the stage it was generated in, so the switch can only land on a generation boundary.
+        micro_steps_per_generation = self.steps_per_generation * self.num_iterations
+        switch_micro_step = self.stage_one_steps * self.gradient_accumulation_steps
+        if switch_micro_step % micro_steps_per_generation != 0:
+            raise ValueError(
+                f"stage_one_steps={self.stage_one_steps} does not fall on a generation boundary: a generation batch "
+                f"is reused for {micro_steps_per_generation} micro-steps (steps_per_generation * num_iterations) and "
+                f"each optimizer step has {self.gradient_accumulation_steps} (gradient_accumulation_steps). Choose "
+                "stage_one_steps so that stage_one_steps * gradient_accumulation_steps is a multiple of "
+                "steps_per_generation * num_iterations."
+            )

@@ -1,0 +1,468 @@
+import textwrap
+from collections import defaultdict, deque
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import pandas as pd
+import torch
+from accelerate.utils import gather, gather_object
+from datasets import Dataset, IterableDataset
+from jinja2 import TemplateError
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, is_trackio_available, is_wandb_available
+from transformers.utils import is_rich_available
+from trl import RLOOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id, nanmax, nanstd, pad, print_prompt_completions_sample, use_adapter
+
+from .config import SCoReConfig
+from .metrics import self_correction_stats
+from .objective import (
+    clipped_policy_loss,
+    k3_kl,
+    kl_coefficients,
+    leave_one_out_advantages,
+    per_turn_sums,
+    shaped_rewards,
+    stage_at,
+)
+from .turns import find_turn_bridge, next_attempt_prompts, pack_attempts, turn_masks
+
+
+if is_wandb_available():
+    import wandb
+if is_trackio_available():
+    import trackio
+
+
+class SCoReTrainer(RLOOTrainer):
+    """
+    Trainer for SCoRe, [Training Language Models to Self-Correct via Reinforcement
+    Learning](https://huggingface.co/papers/2409.12917) (Kumar et al., 2024).
+
+    Each prompt x gets `num_generations` first attempts y1; each y1 is followed by the correction instruction as a user
+    turn and one second attempt y2. A verifier (any TRL reward function) scores both attempts. See [`SCoReConfig`] for
+    the two stages and how the KL enters.
+
+    Takes the same arguments as [`~trl.RLOOTrainer`], with `args` a [`SCoReConfig`]. Prompts must be conversational
+    (`[{"role": "user", "content": ...}]`) and the tokenizer must have a chat template and a pad token. Text only.
+
+    Hooks overridden, and why:
+    - `_generate_and_score_completions`: the rollout is a loop over attempts. Each attempt is generated with RLOO's
+      `_generate_single_turn` (HF generate, transformers continuous batching, vLLM colocate and server), the correction
+      turn is appended as token ids (see `score_trl.turns`), rewards are computed per attempt with RLOO's
+      `_calculate_rewards`, and advantages per turn. Returns one row per first attempt: x | y1 + instruction + y2.
+    - `_compute_loss`: RLOO's clipped sequence-level objective applied to each turn's tokens with its own advantage,
+      plus the per-turn KL term; the injected instruction tokens are attended to but carry no loss and no KL.
+    - `log`: the completions table shows both attempts, both rewards and both advantages.
+
+    Everything else (reference model, PEFT adapter disabling, samplers, buffering across `steps_per_generation` and
+    `num_iterations`, checkpointing, metric reduction) is RLOO's. The stage is a function of `state.global_step`, so
+    it is restored with the trainer state on resume.
+    """
+
+    _tag_names = ["trl", "score"]
+    _name = "SCoRe"
+    _paper = {
+        "title": "Training Language Models to Self-Correct via Reinforcement Learning",
+        "id": "2409.12917",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{kumar2024training,
+                title        = {{Training Language Models to Self-Correct via Reinforcement Learning}},
+                author       = {Aviral Kumar and Vincent Zhuang and Rishabh Agarwal and Yi Su and John D. Co-Reyes and Avi Singh and Kate Baumli and Shariq Iqbal and Colton Bishop and Rebecca Roelofs and Lei M. Zhang and Kay McKinney and Disha Shrivastava and Cosmin Paduraru and George Tucker and Doina Precup and Feryal Behbahani and Aleksandra Faust},
+                year         = 2024,
+                journal      = {arXiv preprint arXiv:2409.12917},
+            }"""),
+    }
+
+    # The rollout and the loss loop over attempts; the shaped rewards (Stage I/II) are defined for two.
+    num_attempts = 2
+
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args: SCoReConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        **kwargs,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = SCoReConfig(f"{model_name.split('/')[-1]}-SCoRe")
+        elif not isinstance(args, SCoReConfig):
+            raise TypeError(f"`args` must be a SCoReConfig, got {type(args).__name__}. Build it with SCoReConfig(...).")
+
+        # Everything below fails before any model work: a bad dataset or tokenizer should not cost a load.
+        first_prompt = _check_dataset(train_dataset, "train_dataset")
+        for name, dataset in _named_eval_datasets(eval_dataset):
+            _check_dataset(dataset, name)
+        if processing_class is None:
+            init_kwargs = args.model_init_kwargs or {}
+            processing_class = AutoTokenizer.from_pretrained(
+                model if isinstance(model, str) else get_config_model_id(model.config),
+                revision=init_kwargs.get("revision"),
+                padding_side="left",
+                truncation_side="left",
+                trust_remote_code=args.trust_remote_code,
+            )
+        if not isinstance(processing_class, PreTrainedTokenizerBase):
+            raise TypeError(
+                f"SCoReTrainer is text-only: `processing_class` must be a tokenizer, got "
+                f"{type(processing_class).__name__}. Pass `processor.tokenizer`."
+            )
+        if processing_class.pad_token is None:
+            raise ValueError(
+                "The tokenizer has no pad token. Set one before building the trainer, e.g. "
+                "`tokenizer.pad_token = tokenizer.eos_token` (padding is always masked out)."
+            )
+        chat_template_kwargs = args.chat_template_kwargs or {}
+        bridge = find_turn_bridge(processing_class, args.correction_instruction, chat_template_kwargs)
+        if first_prompt is not None:
+            _check_renders(processing_class, first_prompt, chat_template_kwargs)
+
+        super().__init__(
+            model,
+            reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self._bridges = {args.correction_instruction: bridge}
+        # Rows of the completions table, sized like RLOO's to the latest generation batch
+        self._attempt_logs = defaultdict(lambda: deque(maxlen=args.generation_batch_size))
+
+    @property
+    def current_stage(self) -> int:
+        """1 (Stage I) or 2 (Stage II), from the optimizer step."""
+        return stage_at(self.state.global_step, self.args.stage_one_steps)
+
+    def _bridge_for(self, instruction: str):
+        if instruction not in self._bridges:
+            self._bridges[instruction] = find_turn_bridge(
+                self.processing_class, instruction, self.args.chat_template_kwargs or {}
+            )
+        return self._bridges[instruction]
+
+    @contextmanager
+    def _one_generation_per_row(self):
+        # After the first attempt every row has its own context, so each row gets exactly one sample. vLLM's server
+        # mode otherwise keeps every num_generations-th prompt and samples num_generations from it.
+        saved = self.num_generations, self.num_generations_eval
+        self.num_generations = self.num_generations_eval = 1
+        try:
+            yield
+        finally:
+            self.num_generations, self.num_generations_eval = saved
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
+        device = self.accelerator.device
+        mode = "train" if self.model.training else "eval"
+        if "image" in inputs[0] or "images" in inputs[0]:
+            raise ValueError("SCoReTrainer is text-only; drop the `image`/`images` columns from the dataset.")
+        stage = self.current_stage
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        prompts = [x["prompt"] for x in inputs]
+        instructions = [x.get("correction_instruction") or self.args.correction_instruction for x in inputs]
+        bridges = [self._bridge_for(text) for text in instructions]
+
+        # Rollout: one loop step per attempt, each on RLOO's generation backends
+        prompt_ids, _, _ = self._tokenize_prompts(prompts)
+        attempts, appended, texts = [], [], []
+        context_ids = prompt_ids
+        for t in range(self.num_attempts):
+            with self._one_generation_per_row() if t > 0 else nullcontext():
+                completion_ids = self._generate_single_turn(context_ids, None, {})
+            attempts.append(completion_ids)
+            texts.append(self.processing_class.batch_decode(completion_ids, skip_special_tokens=True))
+            self._log_attempt_lengths(t + 1, completion_ids, mode)
+            if t + 1 < self.num_attempts:
+                added, context_ids = next_attempt_prompts(context_ids, completion_ids, bridges)
+                appended.append(added)
+
+        # Rewards per attempt, gathered across processes: (N_global, num_attempts)
+        rewards = torch.stack(
+            [self._attempt_rewards(inputs, prompts, texts, attempts, instructions, t, mode) for t in range(len(attempts))],
+            dim=1,
+        )
+
+        layout = self._training_layout(prompt_ids, attempts, appended)
+        input_ids = torch.cat([layout["prompt_ids"], layout["completion_ids"]], dim=1)
+        attention_mask = torch.cat([layout["prompt_mask"], layout["completion_mask"]], dim=1)
+        turn_ids = layout["turn_ids"]
+        logits_to_keep = layout["completion_ids"].size(1)
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        if mode == "train":
+            self.state.num_input_tokens_seen += self.accelerator.gather(attention_mask.sum()).sum().item()
+        self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
+
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            old_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, logits_to_keep, batch_size
+            )
+            ref_per_token_logps = None
+            if self.beta != 0.0:
+                ref_per_token_logps = self._reference_per_token_logps(
+                    input_ids, attention_mask, logits_to_keep, batch_size
+                )
+        masks = turn_masks(turn_ids, self.num_attempts)
+        old_logps = per_turn_sums(old_per_token_logps, masks)
+
+        # Per-turn leave-one-out advantages on the gathered rewards, then this process's slice
+        targets = shaped_rewards(rewards, stage, self.args.alpha)
+        all_advantages = leave_one_out_advantages(targets, num_generations, self.normalize_advantages)
+        local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
+        advantages = all_advantages[local]
+        kl_coef = torch.tensor(kl_coefficients(stage, self.beta, self.args.beta2), device=device)
+
+        self._log_rollout(mode, rewards, targets, num_generations, masks, old_per_token_logps, ref_per_token_logps)
+        self._log_table_rows(prompts, texts, rewards, all_advantages)
+        return {
+            **layout,
+            "old_logps": old_logps,
+            "ref_per_token_logps": ref_per_token_logps,
+            "advantages": advantages,
+            "kl_coef": kl_coef.expand(len(inputs), -1).contiguous(),
+        }
+
+    def _training_layout(self, prompt_ids, attempts, appended) -> dict[str, torch.Tensor]:
+        """x left-padded | y1 + correction turn + y2 right-padded; `turn_ids` marks the trained tokens per attempt."""
+        device = self.accelerator.device
+        pad_id = self._tokenizer.pad_token_id
+        completion_ids, completion_mask, turn_ids = pack_attempts(
+            attempts, appended, pad_id, self.pad_to_multiple_of, device
+        )
+        if self.mask_truncated_completions:  # drop a truncated attempt from the loss, keep it in the context
+            for t, ids in enumerate(attempts):
+                truncated = torch.tensor(self._is_truncated(ids), device=device)
+                turn_ids = turn_ids.masked_fill((turn_ids == t + 1) & truncated.unsqueeze(1), 0)
+        prompts = [torch.tensor(ids) for ids in prompt_ids]
+        return {
+            "prompt_ids": pad(prompts, pad_id, "left", self.pad_to_multiple_of).to(device),
+            "prompt_mask": pad([torch.ones_like(p) for p in prompts], 0, "left", self.pad_to_multiple_of).to(device),
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+            "turn_ids": turn_ids,
+        }
+
+    def _is_truncated(self, completion_ids: list[list[int]]) -> list[bool]:
+        ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        return [not ids or ids[-1] not in ends for ids in completion_ids]
+
+    def _reference_per_token_logps(self, input_ids, attention_mask, logits_to_keep, batch_size):
+        # As RLOO: a separate reference model, or under PEFT the same model with the adapter disabled (or the frozen
+        # "ref" copy of a pretrained adapter), so no second copy is held in memory.
+        if self.ref_model is not None:
+            return self._get_per_token_logps_and_entropies(
+                self.ref_model, input_ids, attention_mask, logits_to_keep, batch_size
+            )[0]
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+            return self._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, logits_to_keep, batch_size
+            )[0]
+
+    def _attempt_rewards(self, inputs, prompts, texts, attempts, instructions, t, mode) -> torch.Tensor:
+        """Score attempt t with RLOO's reward machinery; returns gathered (N_global,) rewards, NaN when unscorable."""
+        conversations = prompts
+        for s in range(t):  # the conversation attempt t answered: x, y1, instruction, ...
+            conversations = [
+                [*c, {"role": "assistant", "content": text}, {"role": "user", "content": instruction}]
+                for c, text, instruction in zip(conversations, texts[s], instructions, strict=True)
+            ]
+        completions = [[{"role": "assistant", "content": text}] for text in texts[t]]
+        # Reward functions log through log_extra/log_metric into shared buffers; keep each attempt's entries apart so
+        # the two calls neither double the rows nor mix the turns.
+        pending_extra, pending_metrics = dict(self._pending_extra_logs), dict(self._pending_metrics)
+        self._pending_extra_logs.clear()
+        self._pending_metrics.clear()
+        rewards_per_func = self._calculate_rewards(inputs, conversations, completions, attempts[t])
+        pending_extra.update({f"{k}/turn{t + 1}": v for k, v in self._pending_extra_logs.items()})
+        pending_metrics.update({f"{k}/turn{t + 1}": v for k, v in self._pending_metrics.items()})
+        self._pending_extra_logs.clear()
+        self._pending_metrics.clear()
+        self._pending_extra_logs.update(pending_extra)
+        self._pending_metrics.update(pending_metrics)
+
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        if self.reward_clip_range:
+            rewards = rewards.clamp(min=self.reward_clip_range[0], max=self.reward_clip_range[1])
+        for i, name in enumerate(self.reward_func_names):
+            self._metrics[mode][f"turn{t + 1}/rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
+        return rewards
+
+    def _log_attempt_lengths(self, attempt: int, completion_ids: list[list[int]], mode: str):
+        device = self.accelerator.device
+        lengths = self.accelerator.gather(torch.tensor([len(ids) for ids in completion_ids], device=device)).float()
+        truncated = self.accelerator.gather(torch.tensor(self._is_truncated(completion_ids), device=device))
+        prefix = f"turn{attempt}/completions"
+        self._metrics[mode][f"{prefix}/mean_length"].append(lengths.mean().item())
+        self._metrics[mode][f"{prefix}/min_length"].append(lengths.min().item())
+        self._metrics[mode][f"{prefix}/max_length"].append(lengths.max().item())
+        self._metrics[mode][f"{prefix}/clipped_ratio"].append(truncated.float().mean().item())
+
+    def _log_rollout(self, mode, rewards, targets, num_generations, masks, old_per_token_logps, ref_logps):
+        metrics = self._metrics[mode]
+        for t in range(self.num_attempts):
+            metrics[f"turn{t + 1}/reward"].append(torch.nanmean(rewards[:, t]).item())
+            metrics[f"turn{t + 1}/reward_std"].append(nanstd(rewards[:, t]).item())
+            metrics[f"turn{t + 1}/shaped_reward"].append(torch.nanmean(targets[:, t]).item())
+            if num_generations > 1:
+                group_std = nanstd(rewards[:, t].view(-1, num_generations), dim=1)
+                metrics[f"turn{t + 1}/frac_reward_zero_std"].append(
+                    torch.isclose(group_std, torch.zeros_like(group_std)).float().mean().item()
+                )
+        for key, value in self_correction_stats(rewards, self.args.correct_threshold).items():
+            metrics[f"self_correction/{key}"].append(value)
+        if ref_logps is not None:
+            # Per-token mean KL over each turn's trained tokens, reduced across processes like RLOO's `kl`
+            kl_sums = per_turn_sums(k3_kl(old_per_token_logps, ref_logps), masks).sum(0)
+            counts = masks.sum(dim=(0, 2))
+            totals = self.accelerator.reduce(torch.cat([kl_sums, counts]), reduction="sum")
+            for t in range(self.num_attempts):
+                metrics[f"turn{t + 1}/kl"].append((totals[t] / totals[self.num_attempts + t].clamp(min=1.0)).item())
+
+        # Flush what reward functions logged (renamed per attempt), gathered across processes like RLOO does
+        num_rows = masks.size(0)
+        for column in sorted(set(gather_object(list(self._pending_extra_logs)))):
+            values = self._pending_extra_logs.get(column, [None] * num_rows)
+            self._attempt_logs[column].extend(gather_object(values))
+        self._pending_extra_logs.clear()
+        for name in sorted(set(gather_object(list(self._pending_metrics)))):
+            values = self._pending_metrics.get(name, [])
+            local = torch.tensor([sum(values), len(values)], dtype=torch.float32, device=self.accelerator.device)
+            total, count = self.accelerator.gather(local).view(-1, 2).sum(dim=0).tolist()
+            metrics[name].append(total / count)
+        self._pending_metrics.clear()
+
+    def _log_table_rows(self, prompts, texts, rewards, advantages):
+        logs = self._attempt_logs
+        logs["prompt"].extend(gather_object([p[-1]["content"] for p in prompts]))
+        for t in range(self.num_attempts):
+            logs[f"attempt_{t + 1}"].extend(gather_object(texts[t]))
+            logs[f"reward_{t + 1}"].extend(rewards[:, t].tolist())
+            logs[f"advantage_{t + 1}"].extend(advantages[:, t].tolist())
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+        )
+        masks = turn_masks(inputs["turn_ids"], self.num_attempts)
+        logps = per_turn_sums(per_token_logps, masks)
+        advantages = inputs["advantages"]
+        per_turn_loss, ratio = clipped_policy_loss(
+            logps, inputs["old_logps"], advantages, self.epsilon_low, self.epsilon_high
+        )
+        if inputs["ref_per_token_logps"] is not None:
+            per_turn_kl = per_turn_sums(k3_kl(per_token_logps, inputs["ref_per_token_logps"]), masks)
+            per_turn_loss = per_turn_loss + inputs["kl_coef"] * per_turn_kl
+        loss = per_turn_loss.sum(dim=1).mean()
+
+        mode = "train" if self.model.training else "eval"
+        # Logged from the loss so that every step reports it, also those that reuse a buffered generation batch
+        self._metrics[mode]["stage"].append(float(self.current_stage))
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        trained = masks.sum(dim=1)
+        entropy_stats = self.accelerator.reduce(
+            torch.stack([(entropies * trained).sum(), trained.sum()]), reduction="sum"
+        )
+        self._metrics[mode]["entropy"].append((entropy_stats[0] / entropy_stats[1].clamp(min=1.0)).item())
+        is_low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
+        is_high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
+        gathered_low = self.accelerator.gather(is_low.float())
+        gathered_high = self.accelerator.gather(is_high.float())
+        for t in range(self.num_attempts):
+            self._metrics[mode][f"turn{t + 1}/clip_ratio/low_mean"].append(gathered_low[:, t].mean().item())
+            self._metrics[mode][f"turn{t + 1}/clip_ratio/high_mean"].append(gathered_high[:, t].mean().item())
+        self._metrics[mode]["clip_ratio/region_mean"].append((gathered_low + gathered_high).clamp(max=1).mean().item())
+        self._metrics[mode]["clip_ratio/high_max"].append(nanmax(gathered_high).item())
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # RLOO's table has one completion per row; ours is written below with both attempts.
+        log_completions, self.log_completions = self.log_completions, False
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.log_completions = log_completions
+        if self.log_completions and self.accelerator.is_main_process and self._attempt_logs["prompt"]:
+            self._log_completions_table()
+
+    def _log_completions_table(self):
+        rows = {key: list(values) for key, values in self._attempt_logs.items()}
+        step = self.state.global_step
+        if is_rich_available():
+            print_prompt_completions_sample(
+                rows["prompt"],
+                rows["attempt_2"],
+                {"reward_1": rows["reward_1"], "reward_2": rows["reward_2"]},
+                rows["advantage_2"],
+                step,
+                self.num_completions_to_print,
+                extra={"attempt_1": rows["attempt_1"], "advantage_1": rows["advantage_1"]},
+            )
+        table = pd.DataFrame({"step": [step] * len(rows["prompt"]), **rows})
+        if self.log_unique_prompts:
+            table = table[~table["prompt"].duplicated()]
+        report_to = self.args.report_to or []
+        if "wandb" in report_to and wandb.run is not None:
+            wandb.log({"completions": wandb.Table(dataframe=table)})
+        if "trackio" in report_to:
+            trackio.log({"completions": trackio.Table(dataframe=table)})
+
+
+def _named_eval_datasets(eval_dataset):
+    if eval_dataset is None:
+        return []
+    if isinstance(eval_dataset, dict):
+        return [(f"eval_dataset[{key!r}]", ds) for key, ds in eval_dataset.items()]
+    return [("eval_dataset", eval_dataset)]
+
+
+def _check_dataset(dataset, name):
+    """Fail early on a dataset SCoRe cannot roll out; returns the first prompt when it can be read cheaply."""
+    if dataset is None:
+        return None
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and "prompt" not in columns:
+        raise ValueError(
+            f"{name} has no 'prompt' column (columns: {columns}). Map each row to a conversational prompt, e.g. "
+            "`dataset.map(lambda x: {'prompt': [{'role': 'user', 'content': x['question']}]})`."
+        )
+    if not isinstance(dataset, Dataset) or len(dataset) == 0:
+        return None
+    prompt = dataset[0]["prompt"]
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m for m in prompt):
+        raise ValueError(
+            f"{name} row 0: 'prompt' must be conversational (a list of {{'role', 'content'}} messages), got "
+            f"{type(prompt).__name__}. SCoRe appends the correction as a chat turn, so it needs the chat structure."
+        )
+    return prompt
+
+
+def _check_renders(tokenizer, prompt, chat_template_kwargs):
+    try:
+        tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **chat_template_kwargs)
+    except TemplateError as err:
+        hint = ""
+        if any(m["role"] == "system" for m in prompt):
+            hint = (
+                " The prompt has a system message and this template rejects the system role (as Gemma's does): fold "
+                "the system text into the first user turn."
+            )
+        raise ValueError(f"train_dataset row 0: the chat template cannot render the prompt: {err}.{hint}") from err

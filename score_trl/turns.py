@@ -1,0 +1,131 @@
+"""Token-level construction of the correction turn and of the training layout.
+
+The next attempt's prompt is built from token ids: the previous prompt, the sampled completion ids unchanged, the
+template's end-of-turn tokens, the instruction as a user turn and the generation prompt. Decoding a completion and
+re-applying the chat template would re-tokenize it (Gemma's template trims text, a truncated multi-byte character
+decodes lossily), so the context of the next turn would differ from what was sampled and its log-probs would be
+off-policy.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from jinja2 import TemplateError
+from trl.trainer.utils import pad
+
+# A placeholder assistant message, rendered once to find the pieces of the template around it. Plain letters so that
+# no template trims or escapes it.
+_SENTINEL = "SCoReSentinelAnswer"
+
+
+@dataclass(frozen=True)
+class TurnBridge:
+    """The tokens a chat template puts between an assistant turn's content and the next assistant turn's content.
+
+    Attributes:
+        close_ids: tokens that end an assistant turn after its content (Gemma: `<end_of_turn>`, `\\n`).
+        instruction_ids: the user turn holding the instruction, followed by the generation prompt.
+    """
+
+    close_ids: tuple[int, ...]
+    instruction_ids: tuple[int, ...]
+
+    def after(self, completion_ids: list[int]) -> list[int]:
+        """Tokens to append after `completion_ids` to open the next attempt.
+
+        A completion that already ends with the start of `close_ids` (it stopped on `<end_of_turn>`) gets only the
+        rest; one that ended on another EOS or was truncated gets all of it. The completion itself is never edited.
+        """
+        close = self.close_ids
+        for k in range(min(len(close), len(completion_ids)), 0, -1):
+            if tuple(completion_ids[-k:]) == close[:k]:
+                return list(close[k:] + self.instruction_ids)
+        return list(close + self.instruction_ids)
+
+
+def _render(tokenizer, messages, add_generation_prompt, chat_template_kwargs):
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **chat_template_kwargs
+    )
+
+
+def find_turn_bridge(tokenizer, instruction: str, chat_template_kwargs: dict | None = None) -> TurnBridge:
+    """Find the correction-turn tokens by diffing three renderings of the tokenizer's chat template.
+
+    Renders [user], [user, assistant] and [user, assistant, user=instruction] (the last with the generation prompt);
+    the text after the assistant content is the closing, the text the third rendering adds is the instruction turn.
+    Both are tokenized on their own: they start with a special token, so no merge crosses the boundary.
+    """
+    kwargs = chat_template_kwargs or {}
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "The tokenizer has no chat template, so the correction turn cannot be built. Set "
+            "`tokenizer.chat_template` (e.g. TRL ships `trl/chat_templates/gemma.jinja` for Gemma base models)."
+        )
+    user = {"role": "user", "content": "Question?"}
+    answer = {"role": "assistant", "content": _SENTINEL}
+    correction = {"role": "user", "content": instruction}
+    try:
+        with_answer = _render(tokenizer, [user, answer], False, kwargs)
+        with_correction = _render(tokenizer, [user, answer, correction], True, kwargs)
+    except TemplateError as err:
+        raise ValueError(f"The chat template cannot render a user/assistant/user conversation: {err}") from err
+    if with_answer.count(_SENTINEL) != 1 or not with_correction.startswith(with_answer):
+        raise ValueError(
+            "The chat template re-renders earlier turns when a turn is added (or drops assistant content), so a "
+            "correction turn cannot be appended to the sampled tokens. Use a template whose renderings of a "
+            "conversation are prefixes of each other."
+        )
+    close_text = with_answer.split(_SENTINEL, 1)[1]
+    instruction_text = with_correction[len(with_answer) :]
+
+    def encode(text):
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return TurnBridge(close_ids=encode(close_text), instruction_ids=encode(instruction_text))
+
+
+def next_attempt_prompts(prompt_ids, completion_ids, bridges) -> tuple[list[list[int]], list[list[int]]]:
+    """Per row: the tokens appended after the completion (`bridge.after`) and the next attempt's full prompt."""
+    appended = [bridge.after(c) for c, bridge in zip(completion_ids, bridges, strict=True)]
+    prompts = [p + c + a for p, c, a in zip(prompt_ids, completion_ids, appended, strict=True)]
+    return appended, prompts
+
+
+def pack_attempts(attempts, appended, pad_token_id, pad_to_multiple_of=None, device=None):
+    """Lay out attempts as one right-padded completion per row: y1 + appended1 + y2 (+ appended2 + y3 ...).
+
+    Args:
+        attempts: `attempts[t][i]` is row i's completion ids for attempt t (0-based).
+        appended: `appended[t][i]` is row i's injected tokens after attempt t (one list fewer than `attempts`).
+
+    Returns:
+        `completion_ids` (B, C), `completion_mask` (B, C) with 1 on every real token (what the model attends to), and
+        `turn_ids` (B, C) with t + 1 on attempt t's tokens and 0 on injected and padding tokens (what is trained).
+    """
+    if len(appended) != len(attempts) - 1:
+        raise ValueError("pack_attempts needs one list of appended tokens between each pair of attempts.")
+    num_rows = len(attempts[0])
+    rows, turns = [], []
+    for i in range(num_rows):
+        ids, turn = [], []
+        for t, attempt in enumerate(attempts):
+            ids += attempt[i]
+            turn += [t + 1] * len(attempt[i])
+            if t < len(appended):
+                ids += appended[t][i]
+                turn += [0] * len(appended[t][i])
+        rows.append(torch.tensor(ids, dtype=torch.long))
+        turns.append(torch.tensor(turn, dtype=torch.long))
+    completion_ids = pad(rows, padding_value=pad_token_id, padding_side="right", pad_to_multiple_of=pad_to_multiple_of)
+    completion_mask = pad(
+        [torch.ones_like(r) for r in rows], padding_value=0, padding_side="right", pad_to_multiple_of=pad_to_multiple_of
+    )
+    turn_ids = pad(turns, padding_value=0, padding_side="right", pad_to_multiple_of=pad_to_multiple_of)
+    return completion_ids.to(device), completion_mask.to(device), turn_ids.to(device)
+
+
+def turn_masks(turn_ids: torch.Tensor, num_attempts: int) -> torch.Tensor:
+    """(B, C) turn ids -> (B, num_attempts, C) float masks, one per attempt."""
+    turns = torch.arange(1, num_attempts + 1, device=turn_ids.device).view(1, -1, 1)
+    return (turn_ids.unsqueeze(1) == turns).float()

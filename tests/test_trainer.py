@@ -1,0 +1,306 @@
+"""SCoReTrainer on a tiny Gemma2: rollout layout, log-probs, loss assembly, training steps, resume, logging."""
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig
+from trl.trainer.utils import pad
+
+from score_trl import SCoReConfig, SCoReTrainer
+from score_trl.turns import next_attempt_prompts
+
+from conftest import toy_dataset, toy_question
+
+
+def letter_reward(completions, **kwargs):
+    """Share of letters in the completion: a dense reward, so every group has a learning signal."""
+    texts = [c[0]["content"] for c in completions]
+    return [sum(ch.isalpha() for ch in t) / max(len(t), 1) for t in texts]
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        max_steps=2,
+        stage_one_steps=1,
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        seed=0,
+    )
+    return SCoReConfig(**{**defaults, **kwargs})
+
+
+def make_trainer(tmp_path, model, tokenizer, reward=letter_reward, n=8, **kwargs):
+    peft_config = kwargs.pop("peft_config", None)
+    return SCoReTrainer(
+        model,
+        reward_funcs=reward,
+        args=make_args(tmp_path, **kwargs),
+        train_dataset=toy_dataset(n),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def grouped_inputs(trainer, words=("cat", "green")):
+    rows = [{"prompt": [{"role": "user", "content": toy_question(w)}], "answer": w} for w in words]
+    return [row for row in rows for _ in range(trainer.num_generations)]
+
+
+def test_rollout_layout_keeps_sampled_first_attempt(tmp_path, tiny_model_dir, tokenizer):
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, max_completion_length=6)
+    trainer.model.train()
+    inputs = grouped_inputs(trainer)
+    batch = trainer._generate_and_score_completions(inputs)
+    bridge = trainer._bridge_for(trainer.args.correction_instruction)
+    generation_prompt = tokenizer.encode("<start_of_turn>model\n", add_special_tokens=False)
+    for ids, mask, turns in zip(batch["completion_ids"], batch["completion_mask"], batch["turn_ids"], strict=True):
+        ids, turns = ids[mask.bool()].tolist(), turns[mask.bool()].tolist()
+        y1_len = turns.count(1)
+        assert turns[:y1_len] == [1] * y1_len  # y1 first, then the injected turn, then y2
+        y1 = ids[:y1_len]
+        injected = bridge.after(y1)
+        assert ids[y1_len : y1_len + len(injected)] == injected
+        assert turns[y1_len : y1_len + len(injected)] == [0] * len(injected)
+        assert injected[-len(generation_prompt) :] == generation_prompt
+        assert turns[y1_len + len(injected) :] == [2] * (len(ids) - y1_len - len(injected))
+    # The table rows are aligned with what was scored: re-scoring each logged attempt gives the logged reward
+    logs = trainer._attempt_logs
+    for t in (1, 2):
+        rescored = letter_reward([[{"content": text}] for text in logs[f"attempt_{t}"]])
+        assert list(logs[f"reward_{t}"]) == pytest.approx(rescored)
+
+
+def test_turn_two_logps_match_generation_logits(tmp_path, tiny_model_dir, tokenizer):
+    temperature = 0.7
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, temperature=temperature, max_completion_length=10)
+    model = trainer.model.eval()
+    questions = [toy_question("cat"), "Say red.", toy_question("green") + " " + toy_question("moon"), "Say one two."]
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
+    torch.manual_seed(1)
+    y1 = trainer._generate_single_turn(prompt_ids, None, {})
+    bridges = [trainer._bridge_for(trainer.args.correction_instruction)] * len(prompts)
+    appended, turn_two_prompts = next_attempt_prompts(prompt_ids, y1, bridges)
+    assert len({len(p) for p in turn_two_prompts}) > 1, "the test needs left padding"
+
+    # Sample y2 with HF generate on the left-padded turn-2 prompts and keep the raw logits of each step
+    pad_id = tokenizer.pad_token_id
+    prompt_tensors = [torch.tensor(p) for p in turn_two_prompts]
+    padded = pad(prompt_tensors, pad_id, "left")
+    attention = pad([torch.ones_like(p) for p in prompt_tensors], 0, "left")
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=padded,
+            attention_mask=attention,
+            generation_config=trainer.generation_config,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    sampled = out.sequences[:, padded.size(1) :]
+    logits = torch.stack(out.logits, dim=1).float()
+    generation_logps = torch.log_softmax(logits / temperature, dim=-1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    y2 = []
+    for row in sampled.tolist():  # keep up to and including the first EOS, as the trainer does
+        ends = [i for i, tok in enumerate(row) if tok in trainer.eos_token_ids]
+        y2.append(row[: ends[0] + 1] if ends else row)
+
+    # Score y2 in the training layout (x left-padded | y1 + correction turn + y2 right-padded)
+    layout = trainer._training_layout(prompt_ids, [y1, y2], [appended])
+    input_ids = torch.cat([layout["prompt_ids"], layout["completion_ids"]], dim=1)
+    attention_mask = torch.cat([layout["prompt_mask"], layout["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, layout["completion_ids"].size(1)
+        )
+    for i in range(len(prompts)):
+        trained = logps[i][layout["turn_ids"][i] == 2]
+        assert trained.numel() == len(y2[i])
+        torch.testing.assert_close(trained, generation_logps[i, : len(y2[i])], atol=1e-5, rtol=0)
+
+
+def independent_loss(model, batch, temperature, epsilon):
+    """The SCoRe loss written out from a plain forward pass (no fused head, no helper from score_trl)."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    length = batch["completion_ids"].size(1)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, -length - 1 : -1].float()
+    logps = torch.log_softmax(logits / temperature, -1).gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    ref = batch["ref_per_token_logps"]
+    total = 0.0
+    rows = input_ids.size(0)
+    for i in range(rows):
+        for t in (1, 2):
+            m = batch["turn_ids"][i] == t
+            ratio = torch.exp(logps[i][m].sum() - batch["old_logps"][i, t - 1])
+            adv = batch["advantages"][i, t - 1]
+            policy = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv)
+            d = ref[i][m] - logps[i][m]
+            kl = (torch.exp(d) - d - 1).sum()
+            total = total + policy + batch["kl_coef"][i, t - 1] * kl
+    return total / rows
+
+
+def test_advantages_kl_weights_and_loss_per_stage(tmp_path, tiny_model_dir, tokenizer):
+    alpha, beta, beta2 = 10.0, 0.05, 0.3
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, alpha=alpha, beta=beta, beta2=beta2, stage_one_steps=1)
+    trainer.model.train()
+    inputs = grouped_inputs(trainer)
+    generator = torch.Generator().manual_seed(0)
+    for step, stage in ((0, 1), (1, 2)):
+        trainer.state.global_step = step
+        batch = trainer._generate_and_score_completions(inputs)
+        expected_coef = [beta2, beta] if stage == 1 else [beta, beta]
+        assert batch["kl_coef"].tolist() == [pytest.approx(expected_coef)] * 4
+
+        # Hand-computed leave-one-out advantages for groups of two from the logged rewards
+        r1 = torch.tensor(list(trainer._attempt_logs["reward_1"])[-4:])
+        r2 = torch.tensor(list(trainer._attempt_logs["reward_2"])[-4:])
+        partner = torch.tensor([1, 0, 3, 2])
+        if stage == 1:
+            expected = torch.stack([torch.zeros(4), r2 - r2[partner]], dim=1)
+        else:
+            shaped = r2 + alpha * (r2 - r1)
+            expected = torch.stack([r1 - r1[partner], shaped - shaped[partner]], dim=1)
+        torch.testing.assert_close(batch["advantages"], expected, atol=1e-6, rtol=0)
+
+        # Move the policy away from both the sampling policy and the reference, then compare the losses
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=generator))
+        loss = trainer._compute_loss(trainer.model, batch)
+        with torch.no_grad():
+            manual = independent_loss(trainer.model, batch, trainer.temperature, trainer.epsilon_low)
+        assert manual.abs() > 1e-4
+        torch.testing.assert_close(loss.detach(), manual, atol=1e-5, rtol=1e-5)
+
+
+EXPECTED_METRICS = [
+    "stage",
+    "turn1/reward",
+    "turn2/reward",
+    "turn1/kl",
+    "turn2/kl",
+    "turn1/completions/mean_length",
+    "turn2/completions/mean_length",
+    "turn1/completions/clipped_ratio",
+    "turn2/completions/clipped_ratio",
+    "turn1/rewards/letter_reward/mean",
+    "self_correction/reward_delta",
+    "self_correction/incorrect_to_correct",
+    "self_correction/correct_to_incorrect",
+    "self_correction/accuracy_t1",
+    "self_correction/accuracy_t2",
+    "entropy",
+    "turn1/clip_ratio/low_mean",
+    "turn2/clip_ratio/high_mean",
+    "num_tokens",
+]
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_stage_one_then_two_training(tmp_path, tiny_model_dir, tokenizer, use_lora):
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") if use_lora else None
+    trainer = make_trainer(
+        tmp_path, tiny_model_dir, tokenizer, n=16, max_steps=4, stage_one_steps=2, peft_config=peft_config
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["stage"] for h in logs] == [1.0, 1.0, 2.0, 2.0]
+    assert all(math.isfinite(h["loss"]) for h in logs)
+    for key in EXPECTED_METRICS:
+        assert key in logs[-1], key
+    assert any(h["turn1/kl"] > 0 for h in logs[1:])  # the reference differs from the policy once it trained
+
+    after = dict(trainer.model.named_parameters())
+    trainable = [n for n, p in after.items() if p.requires_grad]
+    assert trainable and any(not torch.equal(before[n], after[n]) for n in trainable)
+    if use_lora:
+        assert all("lora_" in n for n in trainable)
+        frozen = [n for n in after if "lora_" not in n]
+        assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+        assert trainer.ref_model is None  # reference = the adapter-disabled base, no second copy
+    else:
+        assert trainer.ref_model is not None
+        ref = dict(trainer.ref_model.named_parameters())
+        assert all(torch.equal(before[n], ref[n]) for n in ref)
+
+
+def test_resume_continues_in_the_same_stage_and_step(tmp_path, tiny_model_dir, tokenizer):
+    kwargs = dict(n=16, max_steps=4, stage_one_steps=2, save_strategy="steps", save_steps=1)
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, **kwargs)
+    trainer.train()
+    assert [h["stage"] for h in trainer.state.log_history if "loss" in h] == [1.0, 1.0, 2.0, 2.0]
+
+    for checkpoint, expected in (("checkpoint-1", [1.0, 2.0, 2.0]), ("checkpoint-3", [2.0])):
+        resumed = make_trainer(tmp_path, tiny_model_dir, tokenizer, **kwargs)
+        resumed.train(resume_from_checkpoint=str(tmp_path / checkpoint))
+        first = int(checkpoint.split("-")[1]) + 1
+        logged = [(h["step"], h["stage"]) for h in resumed.state.log_history if "loss" in h and h["step"] >= first]
+        assert logged == list(zip(range(first, 5), expected, strict=True))
+
+
+def test_reward_logs_stay_per_turn(tmp_path, tiny_model_dir, tokenizer):
+    def logging_reward(completions, answer, log_extra, log_metric, **kwargs):
+        rewards = letter_reward(completions)
+        log_extra("length", [len(c[0]["content"]) for c in completions])
+        log_metric("mean_letters", sum(rewards) / len(rewards))
+        return rewards
+
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, reward=logging_reward, max_steps=1)
+    trainer.train()
+    logs = trainer._attempt_logs
+    n = trainer.args.generation_batch_size
+    for t in (1, 2):
+        assert list(logs[f"length/turn{t}"]) == [len(text) for text in logs[f"attempt_{t}"]]
+        assert len(logs[f"attempt_{t}"]) == n
+    assert "length" not in logs
+    log = trainer.state.log_history[0]
+    for t in (1, 2):
+        assert log[f"mean_letters/turn{t}"] == pytest.approx(log[f"turn{t}/reward"], abs=1e-6)
+
+
+def test_truncation_mask_accumulation_iterations_and_eval(tmp_path, tiny_model_dir, tokenizer):
+    trainer = SCoReTrainer(
+        tiny_model_dir,
+        reward_funcs=letter_reward,
+        args=make_args(
+            tmp_path,
+            max_completion_length=3,
+            mask_truncated_completions=True,
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=2,
+            steps_per_generation=2,
+            num_iterations=2,
+            stage_one_steps=2,
+            max_steps=4,
+            eval_strategy="steps",
+            eval_steps=2,
+            per_device_eval_batch_size=2,
+        ),
+        train_dataset=toy_dataset(16),
+        eval_dataset=toy_dataset(4),
+        processing_class=tokenizer,
+    )
+    # A truncated attempt stays in the context (attended) but leaves the loss; an attempt that ended on EOS stays
+    eos = tokenizer.eos_token_id
+    layout = trainer._training_layout([[2, 9], [2, 9]], [[[10, 11, 12], [10, eos]], [[13, eos], [14, 15, 16]]], [[[7], [7]]])
+    # row 0: y1 = 10 11 12 (truncated) | 7 | y2 = 13 EOS;  row 1: y1 = 10 EOS | 7 | y2 = 14 15 16 (truncated)
+    assert layout["completion_mask"].tolist() == [[1] * 6, [1] * 6]
+    assert layout["turn_ids"].tolist() == [[0, 0, 0, 0, 2, 2], [1, 1, 0, 0, 0, 0]]
+    trainer.train()
+    history = trainer.state.log_history
+    train_logs = [h for h in history if "loss" in h]
+    assert [h["stage"] for h in train_logs] == [1.0, 1.0, 2.0, 2.0]
+    eval_logs = [h for h in history if "eval_loss" in h]
+    assert len(eval_logs) == 2 and all("eval_turn2/reward" in h and "eval_stage" in h for h in eval_logs)
