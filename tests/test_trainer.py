@@ -55,8 +55,15 @@ def grouped_inputs(trainer, words=("cat", "green")):
     return [row for row in rows for _ in range(trainer.num_generations)]
 
 
-def test_rollout_layout_keeps_sampled_first_attempt(tmp_path, tiny_model_dir, tokenizer):
-    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, max_completion_length=6)
+@pytest.mark.parametrize("continuous_batching", [False, True], ids=["generate", "continuous_batching"])
+def test_rollout_layout_keeps_sampled_first_attempt(tmp_path, tiny_model_dir, tokenizer, continuous_batching):
+    trainer = make_trainer(
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        max_completion_length=6,
+        use_transformers_continuous_batching=continuous_batching,
+    )
     trainer.model.train()
     inputs = grouped_inputs(trainer)
     batch = trainer._generate_and_score_completions(inputs)
