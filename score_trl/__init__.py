@@ -3,5 +3,6 @@
 from .config import MATH_CORRECTION_INSTRUCTION, SCoReConfig
 from .trainer import SCoReTrainer
 
+
 __all__ = ["MATH_CORRECTION_INSTRUCTION", "SCoReConfig", "SCoReTrainer"]
 __version__ = "0.1.0"

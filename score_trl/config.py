@@ -41,8 +41,9 @@ class SCoReConfig(RLOOConfig):
         alpha (`float`, *optional*, defaults to `10.0`):
             α, the Stage II bonus on turn 2: its reward is r(y2) + α·(r(y2) − r(y1)).
         correction_instruction (`str`, *optional*):
-            The self-correction instruction sent as the user turn between the two attempts. Defaults to the paper's
-            MATH instruction. A dataset column `correction_instruction` overrides it per row.
+            The self-correction instruction sent as the user turn between the two attempts, for every row. When
+            `None`, each row's `correction_instruction` column is used (`score_trl.data` sets the task's wording),
+            and rows without one get the paper's MATH instruction.
         correct_threshold (`float`, *optional*, defaults to `0.5`):
             An attempt counts as correct, for the self-correction metrics only, when its reward is at least this.
     """
@@ -60,7 +61,9 @@ class SCoReConfig(RLOOConfig):
     )
     beta2: float = field(
         default=0.1,
-        metadata={"help": "β2: KL coefficient holding turn 1 near the reference in Stage I (paper: 0.1, 0.25 for code)."},
+        metadata={
+            "help": "β2: KL coefficient holding turn 1 near the reference in Stage I (paper: 0.1, 0.25 for code)."
+        },
     )
     alpha: float = field(
         default=10.0,
@@ -73,11 +76,11 @@ class SCoReConfig(RLOOConfig):
             "trains Stage I only."
         },
     )
-    correction_instruction: str = field(
-        default=MATH_CORRECTION_INSTRUCTION,
+    correction_instruction: str | None = field(
+        default=None,
         metadata={
-            "help": "User turn inserted between the first and second attempt. A dataset column "
-            "`correction_instruction` overrides it per row. Defaults to the paper's MATH instruction."
+            "help": "User turn inserted between the first and second attempt, for every row. None: each row's "
+            "`correction_instruction` column (set per task by score_trl.data), else the paper's MATH instruction."
         },
     )
     correct_threshold: float = field(
@@ -108,8 +111,11 @@ class SCoReConfig(RLOOConfig):
                 "beta=0 makes RLOOTrainer skip the reference model, but Stage I needs it for beta2 (the KL that holds "
                 "turn 1 near the reference). Set beta > 0 (paper: 0.01), or beta2=0 to train without a reference."
             )
-        if not self.correction_instruction or not self.correction_instruction.strip():
-            raise ValueError("correction_instruction is empty; give the instruction that asks for a second attempt.")
+        if self.correction_instruction is not None and not self.correction_instruction.strip():
+            raise ValueError(
+                "correction_instruction is empty; give the instruction that asks for a second attempt, or leave it "
+                "unset (None) to use each row's `correction_instruction` column or the paper's MATH instruction."
+            )
         super().__post_init__()
 
         # Generation happens every `steps_per_generation * num_iterations` micro-steps and a whole generation batch is

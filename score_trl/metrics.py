@@ -14,7 +14,8 @@ def self_correction_stats(rewards: torch.Tensor, threshold: float) -> dict[str, 
     if r.numel() == 0:
         nan = float("nan")
         return dict.fromkeys(
-            ["accuracy_t1", "accuracy_t2", "delta", "incorrect_to_correct", "correct_to_incorrect", "reward_delta"], nan
+            ["accuracy_t1", "accuracy_t2", "delta", "incorrect_to_correct", "correct_to_incorrect", "reward_delta"],
+            nan,
         )
     correct = r >= threshold
     c1, c2 = correct[:, 0], correct[:, 1]

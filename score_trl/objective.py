@@ -6,6 +6,7 @@ Shapes: rewards and advantages are (N, num_attempts); per-token tensors are (B, 
 import torch
 from trl.trainer.utils import nanstd
 
+
 STAGE_ONE, STAGE_TWO = 1, 2
 
 

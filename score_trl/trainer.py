@@ -14,7 +14,7 @@ from trl import RLOOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, nanmax, nanstd, pad, print_prompt_completions_sample, use_adapter
 
-from .config import SCoReConfig
+from .config import MATH_CORRECTION_INSTRUCTION, SCoReConfig
 from .metrics import self_correction_stats
 from .objective import (
     clipped_policy_loss,
@@ -69,7 +69,7 @@ class SCoReTrainer(RLOOTrainer):
         "citation": textwrap.dedent("""\
             @article{kumar2024training,
                 title        = {{Training Language Models to Self-Correct via Reinforcement Learning}},
-                author       = {Aviral Kumar and Vincent Zhuang and Rishabh Agarwal and Yi Su and John D. Co-Reyes and Avi Singh and Kate Baumli and Shariq Iqbal and Colton Bishop and Rebecca Roelofs and Lei M. Zhang and Kay McKinney and Disha Shrivastava and Cosmin Paduraru and George Tucker and Doina Precup and Feryal Behbahani and Aleksandra Faust},
+                author       = {Aviral Kumar and Vincent Zhuang and Rishabh Agarwal and others},
                 year         = 2024,
                 journal      = {arXiv preprint arXiv:2409.12917},
             }"""),
@@ -92,7 +92,9 @@ class SCoReTrainer(RLOOTrainer):
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = SCoReConfig(f"{model_name.split('/')[-1]}-SCoRe")
         elif not isinstance(args, SCoReConfig):
-            raise TypeError(f"`args` must be a SCoReConfig, got {type(args).__name__}. Build it with SCoReConfig(...).")
+            raise TypeError(
+                f"`args` must be a SCoReConfig, got {type(args).__name__}. Build it with SCoReConfig(...)."
+            )
 
         # Everything below fails before any model work: a bad dataset or tokenizer should not cost a load.
         first_prompt = _check_dataset(train_dataset, "train_dataset")
@@ -118,7 +120,8 @@ class SCoReTrainer(RLOOTrainer):
                 "`tokenizer.pad_token = tokenizer.eos_token` (padding is always masked out)."
             )
         chat_template_kwargs = args.chat_template_kwargs or {}
-        bridge = find_turn_bridge(processing_class, args.correction_instruction, chat_template_kwargs)
+        default_instruction = args.correction_instruction or MATH_CORRECTION_INSTRUCTION
+        bridge = find_turn_bridge(processing_class, default_instruction, chat_template_kwargs)
         if first_prompt is not None:
             _check_renders(processing_class, first_prompt, chat_template_kwargs)
 
@@ -131,7 +134,7 @@ class SCoReTrainer(RLOOTrainer):
             processing_class=processing_class,
             **kwargs,
         )
-        self._bridges = {args.correction_instruction: bridge}
+        self._bridges = {default_instruction: bridge}
         # Rows of the completions table, sized like RLOO's to the latest generation batch
         self._attempt_logs = defaultdict(lambda: deque(maxlen=args.generation_batch_size))
 
@@ -139,6 +142,10 @@ class SCoReTrainer(RLOOTrainer):
     def current_stage(self) -> int:
         """1 (Stage I) or 2 (Stage II), from the optimizer step."""
         return stage_at(self.state.global_step, self.args.stage_one_steps)
+
+    def _instruction_for(self, row: dict) -> str:
+        # The config's instruction, when set, applies to every row; else the row's own; else the paper's MATH one.
+        return self.args.correction_instruction or row.get("correction_instruction") or MATH_CORRECTION_INSTRUCTION
 
     def _bridge_for(self, instruction: str):
         if instruction not in self._bridges:
@@ -166,7 +173,9 @@ class SCoReTrainer(RLOOTrainer):
         stage = self.current_stage
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         prompts = [x["prompt"] for x in inputs]
-        instructions = [x.get("correction_instruction") or self.args.correction_instruction for x in inputs]
+        instructions = [self._instruction_for(x) for x in inputs]
+        # Rows with a `first_attempt` (an off-policy y1, e.g. the seed format's original answer) skip sampling it
+        given = [x.get("first_attempt") or None for x in inputs]
         bridges = [self._bridge_for(text) for text in instructions]
 
         # Rollout: one loop step per attempt, each on RLOO's generation backends
@@ -174,8 +183,11 @@ class SCoReTrainer(RLOOTrainer):
         attempts, appended, texts = [], [], []
         context_ids = prompt_ids
         for t in range(self.num_attempts):
-            with self._one_generation_per_row() if t > 0 else nullcontext():
-                completion_ids = self._generate_single_turn(context_ids, None, {})
+            if t == 0 and any(given):
+                completion_ids = self._first_attempts(context_ids, given)
+            else:
+                with self._one_generation_per_row() if t > 0 else nullcontext():
+                    completion_ids = self._generate_single_turn(context_ids, None, {})
             attempts.append(completion_ids)
             texts.append(self.processing_class.batch_decode(completion_ids, skip_special_tokens=True))
             self._log_attempt_lengths(t + 1, completion_ids, mode)
@@ -185,11 +197,18 @@ class SCoReTrainer(RLOOTrainer):
 
         # Rewards per attempt, gathered across processes: (N_global, num_attempts)
         rewards = torch.stack(
-            [self._attempt_rewards(inputs, prompts, texts, attempts, instructions, t, mode) for t in range(len(attempts))],
+            [
+                self._attempt_rewards(inputs, prompts, texts, attempts, instructions, t, mode)
+                for t in range(len(attempts))
+            ],
             dim=1,
         )
 
         layout = self._training_layout(prompt_ids, attempts, appended)
+        is_given = torch.tensor([g is not None for g in given], device=device)
+        # A given first attempt was not sampled from the policy: no turn-1 loss or KL on it, and no place in the
+        # turn-1 baseline; its reward still sets the Stage II bonus of the correction that follows it.
+        layout["turn_ids"] = layout["turn_ids"].masked_fill((layout["turn_ids"] == 1) & is_given.unsqueeze(1), 0)
         input_ids = torch.cat([layout["prompt_ids"], layout["completion_ids"]], dim=1)
         attention_mask = torch.cat([layout["prompt_mask"], layout["completion_mask"]], dim=1)
         turn_ids = layout["turn_ids"]
@@ -213,6 +232,7 @@ class SCoReTrainer(RLOOTrainer):
 
         # Per-turn leave-one-out advantages on the gathered rewards, then this process's slice
         targets = shaped_rewards(rewards, stage, self.args.alpha)
+        targets[:, 0] = targets[:, 0].masked_fill(gather(is_given), torch.nan)
         all_advantages = leave_one_out_advantages(targets, num_generations, self.normalize_advantages)
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
         advantages = all_advantages[local]
@@ -227,6 +247,23 @@ class SCoReTrainer(RLOOTrainer):
             "advantages": advantages,
             "kl_coef": kl_coef.expand(len(inputs), -1).contiguous(),
         }
+
+    def _first_attempts(self, prompt_ids, given) -> list[list[int]]:
+        """y1 ids: the given text tokenized as the model's turn where a row has one, sampled elsewhere."""
+        encoded = {
+            i: self._tokenizer(text, add_special_tokens=False)["input_ids"] for i, text in enumerate(given) if text
+        }
+        todo = [i for i in range(len(given)) if i not in encoded]
+        # vLLM, DeepSpeed and FSDP generation are collective across processes (gathers, weight summons): every rank
+        # must generate the same way, so those backends sample every row and discard the given ones.
+        if self.use_vllm or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            sampled = self._generate_single_turn(prompt_ids, None, {})
+        elif todo:
+            completions = self._generate_single_turn([prompt_ids[i] for i in todo], None, {})
+            sampled = dict(zip(todo, completions, strict=True))
+        else:
+            sampled = {}
+        return [encoded[i] if i in encoded else sampled[i] for i in range(len(given))]
 
     def _training_layout(self, prompt_ids, attempts, appended) -> dict[str, torch.Tensor]:
         """x left-padded | y1 + correction turn + y2 right-padded; `turn_ids` marks the trained tokens per attempt."""
@@ -293,7 +330,9 @@ class SCoReTrainer(RLOOTrainer):
         if self.reward_clip_range:
             rewards = rewards.clamp(min=self.reward_clip_range[0], max=self.reward_clip_range[1])
         for i, name in enumerate(self.reward_func_names):
-            self._metrics[mode][f"turn{t + 1}/rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
+            self._metrics[mode][f"turn{t + 1}/rewards/{name}/mean"].append(
+                torch.nanmean(rewards_per_func[:, i]).item()
+            )
         return rewards
 
     def _log_attempt_lengths(self, attempt: int, completion_ids: list[list[int]], mode: str):

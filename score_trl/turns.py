@@ -13,6 +13,7 @@ import torch
 from jinja2 import TemplateError
 from trl.trainer.utils import pad
 
+
 # A placeholder assistant message, rendered once to find the pieces of the template around it. Plain letters so that
 # no template trims or escapes it.
 _SENTINEL = "SCoReSentinelAnswer"
@@ -119,7 +120,10 @@ def pack_attempts(attempts, appended, pad_token_id, pad_to_multiple_of=None, dev
         turns.append(torch.tensor(turn, dtype=torch.long))
     completion_ids = pad(rows, padding_value=pad_token_id, padding_side="right", pad_to_multiple_of=pad_to_multiple_of)
     completion_mask = pad(
-        [torch.ones_like(r) for r in rows], padding_value=0, padding_side="right", pad_to_multiple_of=pad_to_multiple_of
+        [torch.ones_like(r) for r in rows],
+        padding_value=0,
+        padding_side="right",
+        pad_to_multiple_of=pad_to_multiple_of,
     )
     turn_ids = pad(turns, padding_value=0, padding_side="right", pad_to_multiple_of=pad_to_multiple_of)
     return completion_ids.to(device), completion_mask.to(device), turn_ids.to(device)

@@ -12,11 +12,12 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFas
 
 from score_trl import MATH_CORRECTION_INSTRUCTION
 
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-# TRL ships Gemma's chat template (system role rejected, assistant content trimmed); read it from the installed package.
+# TRL ships Gemma's chat template (no system role, assistant content trimmed); read from the installed package.
 GEMMA_TEMPLATE = (Path(trl.__file__).parent / "chat_templates" / "gemma.jinja").read_text()
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

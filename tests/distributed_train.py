@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from score_trl import SCoReConfig, SCoReTrainer
 
+
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import toy_dataset  # noqa: E402
 from test_trainer import letter_reward  # noqa: E402

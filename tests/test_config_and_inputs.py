@@ -1,22 +1,23 @@
 """Bad input stops before training, with a message naming the field and the fix."""
 
 import pytest
+from conftest import toy_dataset, word_reward
 from datasets import Dataset
 
 from score_trl import SCoReConfig, SCoReTrainer
 
-from conftest import toy_dataset, word_reward
-
 
 def config(tmp_path, **kwargs):
-    defaults = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=4)
+    defaults = dict(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=4
+    )
     return SCoReConfig(**{**defaults, **kwargs})
 
 
 def test_paper_defaults(tmp_path):
     args = config(tmp_path)
     assert (args.alpha, args.beta, args.beta2, args.learning_rate, args.temperature) == (10.0, 0.01, 0.1, 5e-6, 1.0)
-    assert args.correction_instruction.startswith("There might be an error in the solution above")
+    assert args.correction_instruction is None  # per-row column, else the paper's MATH instruction
     for name in ("alpha", "beta2", "stage_one_steps", "correction_instruction", "correct_threshold", "beta"):
         assert SCoReConfig.__dataclass_fields__[name].metadata["help"]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from transformers import AutoModelForCausalLM
+
 
 SCRIPT = Path(__file__).parent / "distributed_train.py"
 

@@ -15,6 +15,7 @@ from score_trl.objective import (
 )
 from score_trl.turns import turn_masks
 
+
 nan = float("nan")
 # [r1, r2] for two prompts x two first attempts: wrong->right, right->right | right->wrong, wrong->wrong
 REWARDS = torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])

@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
+from conftest import toy_dataset, toy_question
 from peft import LoraConfig
 from trl.trainer.utils import pad
 
 from score_trl import SCoReConfig, SCoReTrainer
 from score_trl.turns import next_attempt_prompts
-
-from conftest import toy_dataset, toy_question
 
 
 def letter_reward(completions, **kwargs):
@@ -67,7 +66,7 @@ def test_rollout_layout_keeps_sampled_first_attempt(tmp_path, tiny_model_dir, to
     trainer.model.train()
     inputs = grouped_inputs(trainer)
     batch = trainer._generate_and_score_completions(inputs)
-    bridge = trainer._bridge_for(trainer.args.correction_instruction)
+    bridge = trainer._bridge_for(trainer._instruction_for({}))
     generation_prompt = tokenizer.encode("<start_of_turn>model\n", add_special_tokens=False)
     for ids, mask, turns in zip(batch["completion_ids"], batch["completion_mask"], batch["turn_ids"], strict=True):
         ids, turns = ids[mask.bool()].tolist(), turns[mask.bool()].tolist()
@@ -95,7 +94,7 @@ def test_turn_two_logps_match_generation_logits(tmp_path, tiny_model_dir, tokeni
     prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
     torch.manual_seed(1)
     y1 = trainer._generate_single_turn(prompt_ids, None, {})
-    bridges = [trainer._bridge_for(trainer.args.correction_instruction)] * len(prompts)
+    bridges = [trainer._bridge_for(trainer._instruction_for({}))] * len(prompts)
     appended, turn_two_prompts = next_attempt_prompts(prompt_ids, y1, bridges)
     assert len({len(p) for p in turn_two_prompts}) > 1, "the test needs left padding"
 
@@ -215,7 +214,9 @@ EXPECTED_METRICS = [
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 def test_stage_one_then_two_training(tmp_path, tiny_model_dir, tokenizer, use_lora):
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") if use_lora else None
+    peft_config = (
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") if use_lora else None
+    )
     trainer = make_trainer(
         tmp_path, tiny_model_dir, tokenizer, n=16, max_steps=4, stage_one_steps=2, peft_config=peft_config
     )
@@ -301,7 +302,9 @@ def test_truncation_mask_accumulation_iterations_and_eval(tmp_path, tiny_model_d
     )
     # A truncated attempt stays in the context (attended) but leaves the loss; an attempt that ended on EOS stays
     eos = tokenizer.eos_token_id
-    layout = trainer._training_layout([[2, 9], [2, 9]], [[[10, 11, 12], [10, eos]], [[13, eos], [14, 15, 16]]], [[[7], [7]]])
+    layout = trainer._training_layout(
+        [[2, 9], [2, 9]], [[[10, 11, 12], [10, eos]], [[13, eos], [14, 15, 16]]], [[[7], [7]]]
+    )
     # row 0: y1 = 10 11 12 (truncated) | 7 | y2 = 13 EOS;  row 1: y1 = 10 EOS | 7 | y2 = 14 15 16 (truncated)
     assert layout["completion_mask"].tolist() == [[1] * 6, [1] * 6]
     assert layout["turn_ids"].tolist() == [[0, 0, 0, 0, 2, 2], [1, 1, 0, 0, 0, 0]]

@@ -1,8 +1,8 @@
 import pytest
-import torch
 
 from score_trl import MATH_CORRECTION_INSTRUCTION
 from score_trl.turns import TurnBridge, find_turn_bridge, next_attempt_prompts, pack_attempts, turn_masks
+
 
 USER = [{"role": "user", "content": "Say the word red."}]
 
@@ -42,7 +42,8 @@ def test_clean_text_matches_template_rendering(tokenizer, stop):
     y1 = encode(tokenizer, text) + ([tokenizer.convert_tokens_to_ids(stop)] if stop else [])
     _, built = turn_two_ids(tokenizer, y1)
     expected = template_ids(
-        tokenizer, [*USER, {"role": "assistant", "content": text}, {"role": "user", "content": MATH_CORRECTION_INSTRUCTION}]
+        tokenizer,
+        [*USER, {"role": "assistant", "content": text}, {"role": "user", "content": MATH_CORRECTION_INSTRUCTION}],
     )
     assert built == expected
 
@@ -122,7 +123,7 @@ def test_template_that_rerenders_earlier_turns_is_rejected(tokenizer):
 
 
 def test_chatml_template_bridge(tokenizer):
-    # Another family (ChatML, as SmolLM2): the closing is <|im_end|>\n and the generation prompt <|im_start|>assistant\n
+    # Another family (ChatML, as SmolLM2): closing <|im_end|>\n, generation prompt <|im_start|>assistant\n
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = (
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"

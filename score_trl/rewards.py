@@ -1,0 +1,291 @@
+"""Verifiable rewards with TRL's signature `(completions, **columns) -> list[float | None]`.
+
+Every reward ignores columns it does not use, returns None (not 0) for a row whose reference cannot be read (so RLOO
+leaves that row out), and, when the trainer passes `log_extra`, logs what it parsed so the completions table shows
+why a row scored 0. All are module-level functions: picklable and selectable by name (see `get_reward_funcs`).
+"""
+
+import importlib
+import re
+import string
+import threading
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import get_context
+
+from .sandbox import run_python
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Answer extraction
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), matching nested braces; `\\boxed 2` (no braces)
+    gives the token after the space."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start:].split(maxsplit=1) if text.startswith("\\boxed ", start) else None
+    if rest is not None:  # brace-less form
+        return re.split(r"[\s$]", rest[1], maxsplit=1)[0] if len(rest) > 1 else None
+    brace = text.find("{", start)
+    if brace < 0:
+        return None
+    depth = 0
+    for i in range(brace, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[brace + 1 : i]
+    return None
+
+
+_FINAL_ANSWER = re.compile(r"Final Answer:\s*The final answer is\s*(.+?)\.?\s*I hope it is correct", re.DOTALL)
+_HASHES = re.compile(r"####\s*([^\n]+)")
+_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
+
+
+def _clean(answer: str) -> str:
+    answer = answer.strip().rstrip(".").strip()
+    if len(answer) >= 2 and answer[0] == answer[-1] == "$":
+        answer = answer[1:-1].strip()
+    if _THOUSANDS.match(answer):  # GSM8K writes 1,080: a number, not a tuple
+        answer = answer.replace(",", "")
+    return answer
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer a completion states: the last of `\\boxed{X}`, "Final Answer: The final answer is $X$. I hope
+    it is correct." and "#### X" in the text."""
+    found = []
+    final_answers = list(_FINAL_ANSWER.finditer(text))
+    if final_answers:
+        found.append((final_answers[-1].start(), final_answers[-1].group(1)))
+    boxed_at = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    boxed = last_boxed(text)
+    if boxed is not None:
+        found.append((boxed_at, boxed))
+    hashes = _HASHES.findall(text)
+    if hashes:
+        found.append((text.rfind("####"), hashes[-1]))
+    if not found:
+        return None
+    answer = _clean(max(found, key=lambda item: item[0])[1])
+    return answer or None
+
+
+def reference_answer(answer: str | None = None, solution: str | None = None) -> str | None:
+    """Gold answer from, in order: an `answer` column (GSM8K's "#### X" line or a `\\boxed{}` inside it, else the
+    whole value), the last `\\boxed{}` of a `solution`."""
+    if answer is not None and str(answer).strip():
+        answer = str(answer)
+        if "####" in answer or "\\boxed" in answer or "\\fbox" in answer:
+            return extract_answer(answer)
+        return _clean(answer) or None
+    if solution:
+        boxed = last_boxed(solution)
+        return _clean(boxed) if boxed else None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Math: math-verify
+
+
+def _verify_pairs(pairs: list[tuple[str | None, str | None]], timeout: int) -> list[bool | None]:
+    """math-verify on (gold, prediction) strings. None when the gold does not parse. Uses math-verify's own timeouts,
+    which rely on signal.alarm and so only work in a process's main thread."""
+    from math_verify import parse, verify
+
+    results = []
+    for gold, prediction in pairs:
+        gold_parsed = parse(f"${gold}$", parsing_timeout=timeout) if gold is not None else []
+        if not gold_parsed:
+            results.append(None)
+            continue
+        if prediction is None:
+            results.append(False)
+            continue
+        predicted = parse(f"${prediction}$", parsing_timeout=timeout)
+        results.append(bool(predicted) and verify(gold_parsed, predicted, timeout_seconds=timeout))
+    return results
+
+
+_verifier_pool: ProcessPoolExecutor | None = None
+_verifier_lock = threading.Lock()
+
+
+def _verify_anywhere(pairs, timeout: int = 5) -> list[bool | None]:
+    # In the main thread math-verify's signal timeouts work as they are. Elsewhere (async reward loops, thread pools,
+    # servers) they raise, so the batch goes to a spawned worker process, where it runs in that process's main thread.
+    if threading.current_thread() is threading.main_thread():
+        return _verify_pairs(pairs, timeout)
+    global _verifier_pool
+    with _verifier_lock:
+        if _verifier_pool is None:
+            _verifier_pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+        future = _verifier_pool.submit(_verify_pairs, pairs, timeout)
+    return future.result(timeout=60 + 2 * timeout * len(pairs))
+
+
+def math_answer_reward(completions, answer=None, solution=None, log_extra=None, **kwargs) -> list[float | None]:
+    """1.0 when the completion's final answer equals the reference under math-verify, 0.0 otherwise, None when the
+    reference cannot be parsed. Reference: `answer` column (GSM8K "#### X" handled) or the last `\\boxed{}` of
+    `solution`. Prediction: the last `\\boxed{}`, "Final Answer: The final answer is $X$" or "#### X"."""
+    n = len(completions)
+    answers = answer if answer is not None else [None] * n
+    solutions = solution if solution is not None else [None] * n
+    golds = [reference_answer(a, s) for a, s in zip(answers, solutions, strict=True)]
+    predictions = [extract_answer(_text(c)) for c in completions]
+    verdicts = _verify_anywhere(list(zip(golds, predictions, strict=True)))
+    if log_extra is not None:
+        log_extra("gold", golds)
+        log_extra("predicted", predictions)
+    return [None if v is None else float(v) for v in verdicts]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Short answers: normalized exact match
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(\.\d+)?(?![\w])")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case; numbers canonical (1,000 -> 1000, 5.0 -> 5, 2.50 -> 2.5); punctuation and articles dropped;
+    whitespace collapsed."""
+
+    def number(match):
+        value = match.group(0).replace(",", "")
+        if "." in value:
+            value = value.rstrip("0").rstrip(".")
+        return f" {value} "
+
+    text = _NUMBER.sub(number, text.lower())
+    # keep decimal points inside numbers, drop every other punctuation mark
+    text = re.sub(r"(?<=\d)\.(?=\d)", "\0", text).translate(_PUNCTUATION).replace("\0", ".")
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match_reward(completions, correct_answer=None, answer=None, log_extra=None, **kwargs):
+    """1.0 when the normalized reference equals the normalized completion or appears in it as a whole-word span
+    (so "The capital of France is Paris." matches the reference "Paris"), else 0.0; None without a reference.
+    Reference: `correct_answer` (the seed's SCoRe format), else `answer`. See `normalize_text` for the
+    normalization. Containment means a completion that lists several candidates can match: prefer short answers."""
+    n = len(completions)
+    references = correct_answer if correct_answer is not None else answer if answer is not None else [None] * n
+    golds = [normalize_text(str(r)) if r is not None and str(r).strip() else None for r in references]
+    predictions = [normalize_text(_text(c)) for c in completions]
+    if log_extra is not None:
+        log_extra("gold", golds)
+        log_extra("predicted", predictions)
+    return [
+        None if g is None else float(g == p or f" {g} " in f" {p} ") for g, p in zip(golds, predictions, strict=True)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Code: run the program against its tests in the sandbox
+
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(text: str) -> str:
+    """The last ```python fenced block, else the last fenced block, else the whole text (bare code)."""
+    blocks = _FENCE.findall(text)
+    python = [code for lang, code in blocks if lang.lower() in ("python", "py", "python3")]
+    if python:
+        return python[-1]
+    if blocks:
+        return blocks[-1][1]
+    return text
+
+
+def code_tests_program(code: str, test_list=None, test=None, entry_point=None, test_setup_code=None) -> str:
+    """The program that passes only if `code` passes its tests: MBPP's `test_list` asserts (after
+    `test_setup_code`), or HumanEval's `test` defining `check(candidate)`, called on `entry_point`."""
+    parts = [code]
+    if test_setup_code:
+        parts.append(test_setup_code)
+    if test_list:
+        parts.extend(test_list)
+    if test:
+        parts.append(test)
+        if entry_point:
+            parts.append(f"check({entry_point})")
+    return "\n".join(parts) + "\n"
+
+
+def code_execution_reward(
+    completions,
+    test_list=None,
+    test=None,
+    entry_point=None,
+    test_setup_code=None,
+    log_extra=None,
+    timeout: float = 10.0,
+    **kwargs,
+):
+    """1.0 when the program extracted from the completion passes all its tests in the sandbox (separate process,
+    wall-clock timeout, memory limit, fresh temporary directory, no network), else 0.0; None for a row without tests.
+    Tests: MBPP's `test_list` (+ `test_setup_code`) or HumanEval's `test` + `entry_point`."""
+    n = len(completions)
+
+    def column(values):
+        return values if values is not None else [None] * n
+
+    programs = []
+    for c, tl, t, ep, setup in zip(
+        completions, column(test_list), column(test), column(entry_point), column(test_setup_code), strict=True
+    ):
+        programs.append(None if not tl and not t else code_tests_program(extract_code(_text(c)), tl, t, ep, setup))
+    with ThreadPoolExecutor(max_workers=4) as pool:  # each run waits on its own process
+        results = list(pool.map(lambda p: None if p is None else run_python(p, timeout=timeout), programs))
+    if log_extra is not None:
+        log_extra("execution", [None if r is None else r.status for r in results])
+    return [None if r is None else float(r.passed) for r in results]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Registry
+
+REWARD_FUNCS = {
+    "math": math_answer_reward,
+    "exact_match": exact_match_reward,
+    "code": code_execution_reward,
+}
+
+
+def get_reward_funcs(names) -> list:
+    """Rewards by registry name (`math`, `exact_match`, `code`) or by dotted path to a user function
+    (`my_package.rewards.my_reward` or `my_package.rewards:my_reward`), as in TRL's scripts."""
+    funcs = []
+    for name in [names] if isinstance(names, str) else names:
+        if name in REWARD_FUNCS:
+            funcs.append(REWARD_FUNCS[name])
+            continue
+        module_name, sep, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
+        if not sep or not module_name:
+            raise ValueError(
+                f"Unknown reward {name!r}: use one of {sorted(REWARD_FUNCS)} or a dotted path such as "
+                "'my_package.rewards.my_reward'."
+            )
+        try:
+            func = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"Cannot load reward {name!r}: {err}") from err
+        if not callable(func):
+            raise ValueError(f"Reward {name!r} is not callable.")
+        funcs.append(func)
+    return funcs
+
+
+def _text(completion) -> str:
+    """Text of a completion: TRL passes conversational completions as [{"role": "assistant", "content": ...}]."""
+    if isinstance(completion, str):
+        return completion
+    return completion[-1]["content"] if completion else ""

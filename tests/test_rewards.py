@@ -1,0 +1,280 @@
+import json
+import os
+import pickle
+import re
+import socket
+import threading
+import time
+
+import pytest
+from conftest import SHARED_DATA
+
+from score_trl.rewards import (
+    REWARD_FUNCS,
+    code_execution_reward,
+    exact_match_reward,
+    extract_answer,
+    extract_code,
+    get_reward_funcs,
+    last_boxed,
+    math_answer_reward,
+    normalize_text,
+    reference_answer,
+)
+from score_trl.sandbox import network_isolation, run_python
+
+
+needs_shared = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"shared data folder {SHARED_DATA} is absent (it sits beside the checkout in CI)"
+)
+
+
+def chat(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Extraction
+
+
+def test_boxed_braces_nest():
+    assert last_boxed(r"first \boxed{1}, then \boxed{\frac{1}{\sqrt{2}}}.") == r"\frac{1}{\sqrt{2}}"
+    assert last_boxed(r"so $\boxed 9$.") == "9"
+    assert last_boxed(r"\boxed{}") == ""
+    assert last_boxed("no box") is None
+    assert last_boxed(r"\boxed{unclosed") is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac{3}{4}"),
+        ("Final Answer: The final answer is 12. I hope it is correct.", "12"),
+        ("blah\n#### 1,080", "1080"),
+        ("#### -7", "-7"),
+        ("We get \\boxed{5} but wait.\nFinal Answer: The final answer is $6$. I hope it is correct.", "6"),
+        ("Final Answer: The final answer is $6$. I hope it is correct. Actually \\boxed{7}", "7"),
+        ("no answer here", None),
+    ],
+)
+def test_extract_answer_takes_the_last_stated_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_reference_answer_order():
+    assert reference_answer(answer="42", solution="\\boxed{7}") == "42"
+    assert reference_answer(answer="Work...\n#### 1,234") == "1234"
+    assert reference_answer(answer=None, solution="so \\boxed{x^{2}}") == "x^{2}"
+    assert reference_answer(answer="", solution="\\boxed{}") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Math reward
+
+
+def test_math_reward_values_and_logs():
+    logged = {}
+    rewards = math_answer_reward(
+        [chat("Final Answer: The final answer is $0.5$. I hope it is correct."), chat("#### 3"), chat("I don't know"),
+         chat("\\boxed{2}")],
+        answer=["\\frac{1}{2}", "Work\n#### 4", "7", None],
+        solution=[None, None, None, "\\boxed{}"],
+        log_extra=lambda column, values: logged.setdefault(column, values),
+        trainer_state=object(),  # TRL passes extra keyword arguments: ignored
+        unrelated_column=[1, 2, 3, 4],
+    )  # fmt: skip
+    assert rewards == [1.0, 0.0, 0.0, None]  # equivalent forms match; unparseable gold is None, not 0
+    assert logged == {"gold": ["\\frac{1}{2}", "4", "7", None], "predicted": ["0.5", "3", None, "2"]}
+
+
+def test_math_reward_outside_the_main_thread():
+    # math-verify's own timeouts use signal.alarm, which fails outside the main thread; the reward must still work
+    # (with timeouts) there, e.g. in TRL's async reward loop or a thread pool.
+    results = {}
+
+    def run():
+        results["value"] = math_answer_reward([chat("#### 72"), chat("\\boxed{\\frac{2}{4}}")], answer=["72", "0.5"])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=120)
+    assert results["value"] == [1.0, 1.0]
+
+
+@needs_shared
+def test_gsm8k_gold_answers_written_as_a_model_would():
+    rows = read_jsonl(SHARED_DATA / "gsm8k" / "train.jsonl")
+    golds = [reference_answer(r["answer"]) for r in rows]
+    assert None not in golds
+    forms = [
+        "So the total is \\boxed{{{}}}.",
+        "Final Answer: The final answer is ${}$. I hope it is correct.",
+        "Adding up, we get the result.\n#### {}",
+    ]
+    completions = [
+        chat(forms[i % 3].format(f"{int(g):,}" if i % 2 and g.isdigit() else g)) for i, g in enumerate(golds)
+    ]
+    answers = [r["answer"] for r in rows]
+    assert math_answer_reward(completions, answer=answers) == [1.0] * len(rows)
+    changed = [str(int(g) + 1) for g in golds]  # every GSM8K final answer is an integer
+    assert math_answer_reward([chat(f"#### {c}") for c in changed], answer=answers) == [0.0] * len(rows)
+
+
+@needs_shared
+def test_math_boxed_gold_in_both_answer_forms():
+    rows = read_jsonl(SHARED_DATA / "math" / "train.jsonl")
+    solutions = [r["solution"] for r in rows]
+    golds = [reference_answer(solution=s) for s in solutions]
+    for form in ("Final Answer: The final answer is ${}$. I hope it is correct.", "Hence \\boxed{{{}}}."):
+        rewards = math_answer_reward([chat(form.format(g)) for g in golds], solution=solutions)
+        share = sum(r == 1.0 for r in rewards) / len(rows)
+        misses = [rows[i]["unique_id"] for i, r in enumerate(rewards) if r != 1.0]
+        assert share >= 0.995, misses[:20]
+        # The misses are rows whose own solution boxes nothing (`\boxed{}`): None, not a wrong 0
+        assert all(rewards[i] is None for i, r in enumerate(rewards) if r != 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exact match
+
+
+def test_normalization():
+    assert normalize_text("The capital of France is  PARIS!") == "capital of france is paris"
+    assert normalize_text("It costs $1,000.50, i.e. 2.0 units") == "it costs 1000.5 ie 2 units"
+
+
+def test_exact_match_reward():
+    rewards = exact_match_reward(
+        [chat("The capital of France is Paris."), chat("paris"), chat("Lyon"), chat("It is 1,000.")],
+        correct_answer=["The capital of France is Paris", "Paris", "Paris", "1000"],
+    )
+    assert rewards == [1.0, 1.0, 0.0, 1.0]
+    assert exact_match_reward([chat("x")], answer=[None]) == [None]
+    assert exact_match_reward([chat("Parisian")], answer=["Paris"]) == [0.0]  # whole words only
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Code execution and the sandbox
+
+
+def test_extract_code():
+    assert extract_code("Here:\n```python\ndef f():\n    return 1\n```\nDone") == "def f():\n    return 1\n"
+    assert extract_code("```\nx = 1\n```\n```py\ny = 2\n```") == "y = 2\n"
+    assert extract_code("def f(): pass") == "def f(): pass"
+
+
+def test_code_reward_mbpp_and_humaneval_styles():
+    good = chat("```python\ndef add(a, b):\n    return a + b\n```")
+    bad = chat("def add(a, b):\n    return a - b")
+    tests = ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]
+    assert code_execution_reward([good, bad, good], test_list=[tests, tests, None]) == [1.0, 0.0, None]
+    check = "def check(candidate):\n    assert candidate(2, 2) == 4\n"
+    rewards = code_execution_reward([good, bad], test=[check, check], entry_point=["add", "add"])
+    assert rewards == [1.0, 0.0]
+
+
+@needs_shared
+def test_mbpp_reference_solutions_pass_and_broken_ones_fail():
+    rows = read_jsonl(SHARED_DATA / "mbpp" / "mbpp.jsonl")
+    columns = dict(test_list=[r["test_list"] for r in rows], test_setup_code=[r["test_setup_code"] for r in rows])
+    reference = [chat(f"```python\n{r['code']}\n```") for r in rows]
+    assert code_execution_reward(reference, **columns) == [1.0] * len(rows)
+    broken = [chat(re.sub(r"\breturn\b", "return None and ", r["code"])) for r in rows]  # every function returns None
+    assert code_execution_reward(broken, **columns) == [0.0] * len(rows)
+
+
+def test_sandbox_stops_an_infinite_loop():
+    start = time.monotonic()
+    result = run_python("while True:\n    pass\n", timeout=2)
+    assert result.status == "timeout" and not result.passed
+    assert time.monotonic() - start < 10
+
+
+def test_sandbox_limits_memory():
+    result = run_python("block = bytearray(8 << 30)\n", memory_mb=512)
+    assert result.status == "failed" and "MemoryError" in result.output
+    assert run_python("x = 1\n").passed  # and the machine is fine afterwards
+
+
+def test_sandbox_blocks_shell_and_outside_writes(tmp_path):
+    marker = tmp_path / "shell_marker"
+    outside = tmp_path / "outside.txt"
+    program = (
+        "import os\n"
+        f"try:\n    os.system('touch {marker}')\nexcept PermissionError:\n    pass\n"
+        f"try:\n    open('{outside}', 'w').write('x')\nexcept PermissionError:\n    pass\n"
+        f"try:\n    os.remove('{tmp_path / 'keep.txt'}')\nexcept PermissionError:\n    pass\n"
+        "open('inside.txt', 'w').write('fine')\n"
+        "assert open('inside.txt').read() == 'fine'\n"
+    )
+    (tmp_path / "keep.txt").write_text("keep")
+    assert run_python(program).passed
+    assert not marker.exists() and not outside.exists() and (tmp_path / "keep.txt").exists()
+
+
+def test_sandbox_has_no_network():
+    # A real server on loopback; the sandboxed program tries the guarded socket API and the raw _socket module.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.settimeout(0.2)
+    port = server.getsockname()[1]
+    program = (
+        "import socket, _socket\n"
+        "reached = False\n"
+        f"for connect in (lambda: socket.create_connection(('127.0.0.1', {port}), timeout=2),\n"
+        f"                lambda: _socket.socket().connect(('127.0.0.1', {port}))):\n"
+        "    try:\n        connect()\n        reached = True\n    except Exception:\n        pass\n"
+        "assert not reached\n"
+    )
+    result = run_python(program, timeout=10)
+    try:
+        connection, _ = server.accept()
+        connection.close()
+        accepted = True
+    except TimeoutError:
+        accepted = False
+    finally:
+        server.close()
+    assert result.passed, result.output
+    assert not accepted
+    if not network_isolation():
+        pytest.skip("no network namespace on this machine: the raw-socket case relied on the in-process guard only")
+
+
+def test_sandbox_sees_nothing_of_the_trainer():
+    os.environ["SCORE_TRL_SECRET"] = "do-not-leak"
+    try:
+        result = run_python("import os\nprint(sorted(os.environ))\nassert 'SCORE_TRL_SECRET' not in os.environ\n")
+    finally:
+        del os.environ["SCORE_TRL_SECRET"]
+    assert result.passed, result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Registry
+
+
+def test_registry_names_and_dotted_paths():
+    assert get_reward_funcs(["math", "exact_match", "code"]) == [
+        math_answer_reward,
+        exact_match_reward,
+        code_execution_reward,
+    ]
+    assert get_reward_funcs("score_trl.rewards.exact_match_reward") == [exact_match_reward]
+    assert get_reward_funcs("score_trl.rewards:math_answer_reward") == [math_answer_reward]
+    with pytest.raises(ValueError, match="Unknown reward 'nope'"):
+        get_reward_funcs(["nope"])
+    with pytest.raises(ValueError, match="Cannot load reward 'score_trl.rewards.missing'"):
+        get_reward_funcs(["score_trl.rewards.missing"])
+
+
+def test_rewards_pickle():
+    for func in REWARD_FUNCS.values():
+        assert pickle.loads(pickle.dumps(func)) is func
+    assert pickle.loads(pickle.dumps(REWARD_FUNCS)) == REWARD_FUNCS
