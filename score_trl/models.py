@@ -9,6 +9,9 @@ from pathlib import Path
 import trl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+
+# Bumped whenever convert_gguf's output changes, so that stale cached folders are not reused
+_CONVERSION_VERSION = 3
 DEFAULT_CACHE = Path(os.environ.get("SCORE_TRL_CACHE", Path.home() / ".cache" / "score_trl"))
 
 
@@ -52,7 +55,8 @@ def convert_gguf(gguf: str, cache_dir: str | Path | None = None, chat_template: 
     """
     path = resolve_file(gguf)
     stat = path.stat()
-    key = hashlib.sha256(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{chat_template}".encode()).hexdigest()[:12]
+    identity = f"{_CONVERSION_VERSION}:{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{chat_template}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     target = Path(cache_dir or DEFAULT_CACHE) / f"{path.stem}-{key}"
     if (target / "config.json").is_file():
         return str(target)
@@ -68,11 +72,26 @@ def convert_gguf(gguf: str, cache_dir: str | Path | None = None, chat_template: 
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     del loaded
+    if chat_template is not None:  # a turn of the new template must end generation, as in instruct models
+        _stop_at_end_of_turn(model, tokenizer)
     partial = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     partial.replace(target)  # atomic: a concurrent or interrupted conversion never leaves a half-written folder
     return str(target)
+
+
+def _stop_at_end_of_turn(model, tokenizer):
+    """Add the token that closes an assistant turn in the chat template (Gemma: <end_of_turn>) to the EOS ids."""
+    from .turns import find_turn_bridge
+
+    close = find_turn_bridge(tokenizer, "Again.").close_ids[0]
+    # A control token (dropped by skip_special_tokens), not text such as a newline: GGUF tokenizers do not always
+    # list Gemma's <end_of_turn> among all_special_ids.
+    if tokenizer.decode([close], skip_special_tokens=True) == "":
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        model.generation_config.eos_token_id = sorted({*eos, close})
 
 
 def load_tokenizer(model_name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,

@@ -1,10 +1,11 @@
 """Bad input stops before training, with a message naming the field and the fix."""
 
 import pytest
-from conftest import toy_dataset, word_reward
 from datasets import Dataset
 
 from score_trl import SCoReConfig, SCoReTrainer
+
+from conftest import toy_dataset, word_reward
 
 
 def config(tmp_path, **kwargs):

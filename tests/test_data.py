@@ -3,9 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_DATA
 from datasets import Dataset
-from test_trainer import letter_reward, make_args
 
 from score_trl import MATH_CORRECTION_INSTRUCTION, SCoReTrainer
 from score_trl.data import (
@@ -16,6 +14,9 @@ from score_trl.data import (
     load_score_dataset,
     to_score_rows,
 )
+
+from conftest import SHARED_DATA
+from test_trainer import letter_reward, make_args
 
 
 GSM8K_ROW = {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}

@@ -3,10 +3,11 @@
 import statistics
 
 import pytest
-from conftest import toy_question
 from datasets import Dataset
 
 from score_trl import SCoReConfig, SCoReTrainer
+
+from conftest import toy_question
 
 
 STEPS = 150

@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-from conftest import SHARED_DATA
 
 from score_trl.rewards import (
     REWARD_FUNCS,
@@ -22,6 +21,8 @@ from score_trl.rewards import (
     reference_answer,
 )
 from score_trl.sandbox import network_isolation, run_python
+
+from conftest import SHARED_DATA
 
 
 needs_shared = pytest.mark.skipif(

@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
-from conftest import toy_dataset, toy_question
 from peft import LoraConfig
 from trl.trainer.utils import pad
 
 from score_trl import SCoReConfig, SCoReTrainer
 from score_trl.turns import next_attempt_prompts
+
+from conftest import toy_dataset, toy_question
 
 
 def letter_reward(completions, **kwargs):
