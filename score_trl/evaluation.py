@@ -26,49 +26,77 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids if tokenizer.eos_token_id in ids else [tokenizer.eos_token_id, *ids]
 
 
-@torch.no_grad()
-def _generate(model, tokenizer, prompt_ids, config: GenerationConfig, stop_ids) -> list[list[int]]:
-    prompts = [torch.tensor(p) for p in prompt_ids]
-    input_ids = pad(prompts, tokenizer.pad_token_id, "left").to(model.device)
-    attention_mask = pad([torch.ones_like(p) for p in prompts], 0, "left").to(model.device)
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    completions = []
-    for row in output[:, input_ids.size(1) :].tolist():  # keep up to and including the first EOS
-        end = next((i for i, token in enumerate(row) if token in stop_ids), None)
-        completions.append(row if end is None else row[: end + 1])
-    return completions
+class TransformersGenerator:
+    """Greedy or sampled generation with transformers: padded `generate`, or continuous batching (`generate_batch`)."""
+
+    def __init__(self, model, tokenizer, max_new_tokens=256, do_sample=False, temperature=1.0, continuous=False):
+        self.model, self.tokenizer, self.continuous = model, tokenizer, continuous
+        self.stop_ids = eos_token_ids(model, tokenizer)
+        self.config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=self.stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    @torch.no_grad()
+    def __call__(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        if self.continuous:
+            outputs = self.model.generate_batch(prompt_ids, generation_config=self.config, progress_bar=False)
+            rows = [outputs[key].generated_tokens for key in outputs]
+        else:
+            prompts = [torch.tensor(p) for p in prompt_ids]
+            input_ids = pad(prompts, self.tokenizer.pad_token_id, "left").to(self.model.device)
+            attention_mask = pad([torch.ones_like(p) for p in prompts], 0, "left").to(self.model.device)
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=self.config
+            )
+            rows = output[:, input_ids.size(1) :].tolist()
+        completions = []
+        for row in rows:  # keep up to and including the first EOS, as the trainer does
+            end = next((i for i, token in enumerate(row) if token in self.stop_ids), None)
+            completions.append(list(row) if end is None else list(row[: end + 1]))
+        return completions
+
+
+class VLLMGenerator:
+    """Generation with vLLM from token ids (prompts are never re-tokenized, as in training)."""
+
+    def __init__(self, llm, max_new_tokens=256, do_sample=False, temperature=1.0):
+        from vllm import SamplingParams
+
+        self.llm = llm
+        self.params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0)
+
+    def __call__(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], self.params, use_tqdm=False
+        )
+        return [list(output.outputs[0].token_ids) for output in outputs]
 
 
 def generate_attempts(
-    model,
+    generator: Callable[[list[list[int]]], list[list[int]]],
     tokenizer,
     prompts: list[list[dict]],
     instructions: list[str],
-    max_new_tokens: int = 256,
-    do_sample: bool = False,
-    temperature: float = 1.0,
     chat_template_kwargs: dict | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """First and second attempts (token ids) for a batch of conversational prompts."""
-    stop_ids = eos_token_ids(model, tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=None,
-        top_k=None,
-        eos_token_id=stop_ids,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    """First and second attempts (token ids) for a batch of conversational prompts; the second attempt's prompt is
+    built from the first attempt's ids exactly as in training."""
     kwargs = chat_template_kwargs or {}
     prompt_ids = tokenizer.apply_chat_template(
         prompts, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs
     )["input_ids"]
-    first = _generate(model, tokenizer, prompt_ids, config, stop_ids)
+    first = generator(prompt_ids)
     bridges = {text: find_turn_bridge(tokenizer, text, kwargs) for text in set(instructions)}
     _, second_prompts = next_attempt_prompts(prompt_ids, first, [bridges[text] for text in instructions])
-    second = _generate(model, tokenizer, second_prompts, config, stop_ids)
-    return first, second
+    return first, generator(second_prompts)
 
 
 def score(reward_funcs: list[Callable], prompts, texts: list[str], rows: list[dict]) -> list[float | None]:
@@ -98,20 +126,25 @@ def evaluate(
     num_samples: int = 1,
     threshold: float = 0.5,
     progress: bool = True,
+    generator: Callable | None = None,
 ) -> dict:
     """Evaluate self-correction on `dataset` (rows from `score_trl.data`); returns `summarize(records)`.
 
     With `output_jsonl`, each problem's record is appended as soon as it is scored and problems already in the file
     are skipped, so an interrupted evaluation resumes without redoing work. With `do_sample`, each problem is
-    attempted `num_samples` times.
+    attempted `num_samples` times. `generator` maps prompt token ids to completion ids (default: transformers'
+    padded `generate` on `model`); see `TransformersGenerator` and `VLLMGenerator`.
     """
+    if generator is None:
+        generator = TransformersGenerator(model, tokenizer, max_new_tokens, do_sample, temperature)
     rows = list(dataset)[:limit] if limit is not None else list(dataset)
     jobs = [(i, s) for i in range(len(rows)) for s in range(num_samples if do_sample else 1)]
     records = read_records(output_jsonl) if output_jsonl else []
     done = {(r["index"], r["sample"]) for r in records}
     jobs = [job for job in jobs if job not in done]
     out = open(output_jsonl, "a") if output_jsonl else None  # noqa: SIM115 (closed below)
-    model.eval()
+    if model is not None:
+        model.eval()
     try:
         bar = _progress(len(jobs), progress)
         for start in range(0, len(jobs), batch_size):
@@ -122,9 +155,7 @@ def evaluate(
                 correction_instruction or row.get("correction_instruction") or MATH_CORRECTION_INSTRUCTION
                 for row in batch_rows
             ]
-            first, second = generate_attempts(
-                model, tokenizer, prompts, instructions, max_new_tokens, do_sample, temperature
-            )
+            first, second = generate_attempts(generator, tokenizer, prompts, instructions)
             texts1 = tokenizer.batch_decode(first, skip_special_tokens=True)
             texts2 = tokenizer.batch_decode(second, skip_special_tokens=True)
             rewards1 = score(reward_funcs, prompts, texts1, batch_rows)

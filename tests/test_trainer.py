@@ -315,3 +315,5 @@ def test_truncation_mask_accumulation_iterations_and_eval(tmp_path, tiny_model_d
     assert [h["stage"] for h in train_logs] == [1.0, 1.0, 2.0, 2.0]
     eval_logs = [h for h in history if "eval_loss" in h]
     assert len(eval_logs) == 2 and all("eval_turn2/reward" in h and "eval_stage" in h for h in eval_logs)
+    for key in ("accuracy_t1", "accuracy_t2", "delta", "incorrect_to_correct", "correct_to_incorrect"):
+        assert all(f"eval_self_correction/{key}" in h for h in eval_logs)

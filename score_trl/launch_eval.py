@@ -1,0 +1,191 @@
+"""`score-eval` / `scripts/evaluate_score.py`: the paper's self-correction table for any model or adapter.
+
+score-eval --model_name_or_path google/gemma-2-2b-it --adapter outputs/run --benchmark gsm8k --output_dir eval/s2
+score-eval --compare eval/base eval/s1 eval/s2 --labels base "Stage I" "Stage II" --output_dir eval/compare
+"""
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+# Public benchmarks by short name: (hub id, config, split). A local file in the same format works via dataset_name.
+BENCHMARKS = {
+    "gsm8k": ("openai/gsm8k", "main", "test"),
+    "math500": ("HuggingFaceH4/MATH-500", None, "test"),
+    "humaneval": ("openai/openai_humaneval", None, "test"),
+    "mbpp": ("google-research-datasets/mbpp", "full", "test"),
+}
+
+
+@dataclass
+class EvalArguments:
+    """What to evaluate, how, and where the results go."""
+
+    output_dir: str = field(
+        default="eval", metadata={"help": "Folder for records.jsonl (resumable), summary.json, table.md, plot.png."}
+    )
+    label: str | None = field(default=None, metadata={"help": "Name of this run in tables and plots."})
+    benchmark: str | None = field(
+        default=None, metadata={"help": f"Public benchmark by name: {', '.join(BENCHMARKS)} (hub ids)."}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A local .jsonl/.json/.csv file or hub id; overrides benchmark's data."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    split: str | None = field(default=None, metadata={"help": "Hub split (benchmark's default: test)."})
+    dataset_format: str | None = field(default=None, metadata={"help": "gsm8k, math, mbpp, humaneval or score."})
+    task: str | None = field(default=None, metadata={"help": "math, code or short_answer (from the format if unset)."})
+    question_column: str | None = field(default=None, metadata={"help": "Question column of generic data."})
+    answer_column: str | None = field(default=None, metadata={"help": "Answer column of generic data."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System prompt (folded in for Gemma)."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate the first N problems only."})
+    adapter: str | None = field(default=None, metadata={"help": "A LoRA adapter folder applied to the base model."})
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "A GGUF file (path or package:NAME/FILE), converted once and cached."}
+    )
+    chat_template: str | None = field(default=None, metadata={"help": "Chat template: a .jinja path or trl:NAME."})
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (vLLM when installed with a GPU and no adapter or 4-bit, else transformers generate), "
+            "vllm, continuous_batching or generate."
+        },
+    )
+    batch_size: int = field(default=8, metadata={"help": "Problems per generation batch (and per JSONL flush)."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Max new tokens per attempt."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with do_sample)."})
+    num_samples: int = field(default=1, metadata={"help": "Attempts per problem when sampling."})
+    correction_instruction: str | None = field(
+        default=None, metadata={"help": "Instruction for every problem; the task's own (as in training) if unset."}
+    )
+    reward_funcs: list[str] | None = field(
+        default=None, metadata={"help": "Reward names or dotted paths; the task's reward if unset."}
+    )
+    correct_threshold: float = field(default=0.5, metadata={"help": "An attempt is correct when reward >= this."})
+    compare: list[str] | None = field(
+        default=None, metadata={"help": "Instead of evaluating: output folders of earlier runs to compare."}
+    )
+    labels: list[str] | None = field(default=None, metadata={"help": "Labels of the compared runs."})
+
+
+def make_parser():
+    from trl import ModelConfig, TrlParser
+
+    return TrlParser((EvalArguments, ModelConfig))
+
+
+def load_model(eval_args, model_args):
+    """(model, tokenizer, generator) for the chosen backend."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import get_quantization_config
+
+    from .evaluation import TransformersGenerator, VLLMGenerator
+    from .models import convert_gguf, load_tokenizer
+
+    path = convert_gguf(eval_args.gguf_file, chat_template=eval_args.chat_template) if eval_args.gguf_file else None
+    path = path or model_args.model_name_or_path
+    if not path:
+        raise ValueError("Set model_name_or_path (hub id or folder) or gguf_file.")
+    tokenizer = load_tokenizer(path, model_args.model_revision, chat_template=eval_args.chat_template)
+    quantization = get_quantization_config(model_args)
+    backend = eval_args.backend
+    if backend == "auto":
+        vllm_ok = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+        backend = "vllm" if vllm_ok and not eval_args.adapter and quantization is None else "generate"
+    sampling = dict(
+        max_new_tokens=eval_args.max_new_tokens, do_sample=eval_args.do_sample, temperature=eval_args.temperature
+    )
+    if backend == "vllm":
+        if eval_args.adapter:
+            raise ValueError("The vLLM backend takes no adapter here: merge it first, or use backend: generate.")
+        from vllm import LLM
+
+        llm = LLM(model=path, tokenizer=path, dtype=model_args.dtype or "auto", revision=model_args.model_revision)
+        return None, tokenizer, VLLMGenerator(llm, **sampling)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=model_args.model_revision,
+        dtype=model_args.dtype or "auto",
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization,
+        device_map="auto" if torch.cuda.is_available() else None,
+    )
+    if eval_args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, eval_args.adapter)
+    if backend not in ("generate", "continuous_batching"):
+        raise ValueError(f"backend={backend!r}: choose auto, vllm, continuous_batching or generate.")
+    return (
+        model,
+        tokenizer,
+        TransformersGenerator(model, tokenizer, continuous=backend == "continuous_batching", **sampling),
+    )
+
+
+def main(eval_args, model_args):
+    from .data import TASKS, load_score_dataset
+    from .evaluation import evaluate
+    from .report import compare_runs, markdown_table, write_report
+    from .rewards import get_reward_funcs
+
+    if eval_args.compare:
+        paths = compare_runs(eval_args.compare, eval_args.labels, eval_args.output_dir)
+        print(paths["table"].read_text())
+        return paths
+
+    if eval_args.benchmark and eval_args.benchmark not in BENCHMARKS:
+        raise ValueError(f"benchmark={eval_args.benchmark!r}: choose one of {sorted(BENCHMARKS)}.")
+    hub_id, config, split = BENCHMARKS.get(eval_args.benchmark, (None, None, "test"))
+    source = eval_args.dataset_name or hub_id
+    if not source:
+        raise ValueError("Set benchmark (gsm8k, math500, humaneval, mbpp) or dataset_name (a file or hub id).")
+
+    model, tokenizer, generator = load_model(eval_args, model_args)
+    dataset = load_score_dataset(
+        source,
+        split=eval_args.split or split,
+        config_name=eval_args.dataset_config or (config if not eval_args.dataset_name else None),
+        limit=eval_args.limit,
+        format=eval_args.dataset_format,
+        task=eval_args.task,
+        question_column=eval_args.question_column,
+        answer_column=eval_args.answer_column,
+        system_prompt=eval_args.system_prompt,
+        tokenizer=tokenizer,
+    )
+    reward_funcs = get_reward_funcs(eval_args.reward_funcs or [TASKS[dataset[0]["task"]].reward])
+    output_dir = Path(eval_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary = evaluate(
+        model,
+        tokenizer,
+        dataset,
+        reward_funcs,
+        output_jsonl=output_dir / "records.jsonl",
+        batch_size=eval_args.batch_size,
+        correction_instruction=eval_args.correction_instruction,
+        do_sample=eval_args.do_sample,
+        num_samples=eval_args.num_samples,
+        threshold=eval_args.correct_threshold,
+        generator=generator,
+    )
+    label = eval_args.label or Path(eval_args.adapter or model_args.model_name_or_path or eval_args.gguf_file).name
+    paths = write_report(summary, output_dir, label)
+    print(markdown_table([summary], [label]))
+    return paths
+
+
+def cli(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
+        argv = ["--config", argv[0], *argv[1:]]
+    main(*make_parser().parse_args_and_config(argv))
+
+
+if __name__ == "__main__":
+    cli()

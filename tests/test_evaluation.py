@@ -1,0 +1,128 @@
+"""Self-correction evaluation: metric arithmetic, JSONL resume after a real kill, end-to-end runs, reports."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from score_trl.evaluation import bootstrap_interval, edit_distance, summarize, wilson_interval
+from score_trl.launch_eval import cli
+
+
+TESTS = Path(__file__).resolve().parent
+GSM8K_ROWS = [
+    {
+        "question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+        "answer": f"{a} + {b}\n#### {a + b}",
+    }
+    for a, b in [(2, 3), (4, 4), (7, 1), (3, 9), (5, 5), (6, 2), (8, 3), (1, 1)]
+]
+
+
+def record(index, r1, r2, a1="x", a2="y"):
+    return {"index": index, "sample": 0, "reward_1": r1, "reward_2": r2, "attempt_1": a1, "attempt_2": a2}
+
+
+def test_metrics_on_hand_built_transitions():
+    records = [
+        record(0, 0.0, 1.0),  # incorrect -> correct
+        record(1, 0.0, 1.0),  # incorrect -> correct
+        record(2, 1.0, 0.0),  # correct -> incorrect
+        record(3, 1.0, 1.0, "same", "same"),
+        record(4, 0.0, 0.0, "abc", "abd"),
+        record(5, None, 1.0),  # unscorable: left out, counted
+    ]
+    s = summarize(records)
+    assert (s["n"], s["unscorable"]) == (5, 1)
+    assert s["accuracy_t1"] == pytest.approx(2 / 5) and s["accuracy_t2"] == pytest.approx(3 / 5)
+    assert s["incorrect_to_correct"] == pytest.approx(2 / 5) and s["correct_to_incorrect"] == pytest.approx(1 / 5)
+    assert s["delta"] == s["incorrect_to_correct"] - s["correct_to_incorrect"]
+    assert s["no_edit"] == pytest.approx(1 / 5)
+    assert s["mean_edit_distance"] == pytest.approx((1 + 1 + 1 + 0 + 1) / 5)
+    assert s["delta_ci"][0] <= s["delta"] <= s["delta_ci"][1]
+
+
+def test_intervals_and_edit_distance():
+    low, high = wilson_interval(5, 10)
+    assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)  # textbook value for 5/10
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert bootstrap_interval([1.0] * 20) == (1.0, 1.0)
+    assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3
+
+
+def write_gsm8k(path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    return path
+
+
+def eval_args(model_dir, data, out, *extra):
+    return ["--model_name_or_path", model_dir, "--dataset_name", str(data), "--output_dir", str(out),
+            "--max_new_tokens", "12", "--dtype", "float32", *extra]  # fmt: skip
+
+
+def is_png(path: Path) -> bool:
+    data = path.read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and width > 100 and height > 100
+
+
+def test_end_to_end_tiny_model_on_gsm8k_rows(tmp_path, tiny_model_dir):
+    data = write_gsm8k(tmp_path / "gsm8k.jsonl")
+    cli(eval_args(tiny_model_dir, data, tmp_path / "run", "--batch_size", "3", "--label", "tiny"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(len(GSM8K_ROWS)))
+    assert all(r["reward_1"] in (0.0, 1.0) and r["reward_2"] in (0.0, 1.0) for r in records)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["label"] == "tiny" and summary["n"] == len(GSM8K_ROWS)
+    assert summary == {"label": "tiny", **json.loads(json.dumps(summarize(records)))}
+    assert "| Accuracy@t1 |" in (tmp_path / "run" / "table.md").read_text()
+    assert is_png(tmp_path / "run" / "plot.png")
+
+    # Continuous batching backend: same protocol, a complete run
+    cli(eval_args(tiny_model_dir, data, tmp_path / "cb", "--backend", "continuous_batching", "--limit", "3"))
+    assert json.loads((tmp_path / "cb" / "summary.json").read_text())["n"] == 3
+
+    # Comparison of the two runs
+    cli(["--compare", str(tmp_path / "run"), str(tmp_path / "cb"), "--labels", "padded", "paged",
+         "--output_dir", str(tmp_path / "cmp")])  # fmt: skip
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| metric | padded | paged |" in table and "| problems | 8 | 3 |" in table
+    assert is_png(tmp_path / "cmp" / "comparison.png")
+
+
+@pytest.mark.slow
+def test_killed_evaluation_resumes_without_duplicates(tmp_path, tiny_model_dir):
+    data = write_gsm8k(tmp_path / "gsm8k.jsonl")
+    # A reward that takes a moment per batch, so the process can be killed between two flushed batches
+    args = eval_args(tiny_model_dir, data, tmp_path / "run", "--batch_size", "1",
+                     "--reward_funcs", "score_trl.rewards.math_answer_reward", "slow_reward.pause")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "score_trl.launch_eval", *args]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = tmp_path / "run" / "records.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if records.is_file() and len(records.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(records.read_text().splitlines())
+    assert 3 <= done_before < len(GSM8K_ROWS), "the run must be killed part-way"
+
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+    resumed = [json.loads(line) for line in records.read_text().splitlines()]
+    assert sorted(r["index"] for r in resumed) == list(range(len(GSM8K_ROWS)))  # each problem exactly once
+
+    # Same summary as an uninterrupted (greedy, deterministic) run
+    cli(eval_args(tiny_model_dir, data, tmp_path / "fresh", "--batch_size", "1"))
+    fresh = json.loads((tmp_path / "fresh" / "summary.json").read_text())
+    resumed_summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key in ("n", "accuracy_t1", "accuracy_t2", "delta", "incorrect_to_correct", "correct_to_incorrect"):
+        assert resumed_summary[key] == fresh[key], key
