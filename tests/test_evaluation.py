@@ -126,3 +126,22 @@ def test_killed_evaluation_resumes_without_duplicates(tmp_path, tiny_model_dir):
     resumed_summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     for key in ("n", "accuracy_t1", "accuracy_t2", "delta", "incorrect_to_correct", "correct_to_incorrect"):
         assert resumed_summary[key] == fresh[key], key
+
+
+def test_lora_adapter_on_its_base(tmp_path, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    # A real adapter whose B matrices are non-zero, so that it changes the model's outputs
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False),
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    data = write_gsm8k(tmp_path / "gsm8k.jsonl")
+    cli(eval_args(tiny_model_dir, data, tmp_path / "base", "--limit", "4"))
+    cli(eval_args(tiny_model_dir, data, tmp_path / "tuned", "--limit", "4", "--adapter", str(tmp_path / "adapter")))
+    base = [json.loads(line) for line in (tmp_path / "base" / "records.jsonl").read_text().splitlines()]
+    tuned = [json.loads(line) for line in (tmp_path / "tuned" / "records.jsonl").read_text().splitlines()]
+    assert [r["attempt_1"] for r in base] != [r["attempt_1"] for r in tuned]  # the adapter was applied
+    assert json.loads((tmp_path / "tuned" / "summary.json").read_text())["label"] == "adapter"
