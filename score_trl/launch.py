@@ -88,12 +88,17 @@ def make_parser():
     return TrlParser((ScoreScriptArguments, SCoReConfig, ModelConfig))
 
 
-def parse_args(argv: list[str] | None = None):
-    """Parse a recipe given as the first positional argument (or with --config) and command-line overrides."""
+def recipe_argv(argv: list[str] | None = None) -> list[str]:
+    """Command-line arguments with a leading recipe path turned into `--config PATH` (TrlParser's form)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", argv[0], *argv[1:]]
-    return make_parser().parse_args_and_config(argv)
+    return argv
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse a recipe given as the first positional argument (or with --config) and command-line overrides."""
+    return make_parser().parse_args_and_config(recipe_argv(argv))
 
 
 def check_launch(script_args, training_args, model_args):

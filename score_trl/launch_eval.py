@@ -5,9 +5,10 @@ score-eval --compare eval/base eval/s1 eval/s2 --labels base "Stage I" "Stage II
 """
 
 import importlib.util
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .launch import recipe_argv
 
 
 # Public benchmarks by short name: (hub id, config, split). A local file in the same format works via dataset_name.
@@ -181,10 +182,7 @@ def main(eval_args, model_args):
 
 
 def cli(argv: list[str] | None = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
-        argv = ["--config", argv[0], *argv[1:]]
-    main(*make_parser().parse_args_and_config(argv))
+    main(*make_parser().parse_args_and_config(recipe_argv(argv)))
 
 
 if __name__ == "__main__":

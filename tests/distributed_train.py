@@ -10,30 +10,16 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from score_trl import SCoReConfig, SCoReTrainer
+from score_trl import SCoReTrainer
 
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import toy_dataset  # noqa: E402
-from test_trainer import letter_reward  # noqa: E402
+from test_trainer import letter_reward, make_args  # noqa: E402
 
 
 def main(model_dir: str, output_dir: str):
-    args = SCoReConfig(
-        output_dir=output_dir,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        per_device_train_batch_size=2,
-        num_generations=2,
-        max_completion_length=8,
-        max_steps=3,
-        stage_one_steps=1,
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-3,
-        seed=0,
-    )
+    args = make_args(Path(output_dir), per_device_train_batch_size=2, max_steps=3)
     trainer = SCoReTrainer(
         model_dir,
         reward_funcs=letter_reward,
