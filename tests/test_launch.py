@@ -69,7 +69,7 @@ def test_accelerate_configs_load(config):
         "zero2.yaml": "DEEPSPEED",
         "zero3.yaml": "DEEPSPEED",
     }
-    assert str(loaded.distributed_type).split(".")[-1] == expected[Path(config).stem]
+    assert str(loaded.distributed_type).split(".")[-1] == expected[Path(config).name]
     if "zero" in config:
         assert loaded.deepspeed_config["zero_stage"] == int(Path(config).stem[-1])
 
@@ -151,8 +151,12 @@ def test_script_end_to_end_and_resume(tmp_path, tiny_model_dir):
 
 
 def test_console_command_is_installed():
-    result = subprocess.run(["score-train", "--help"], capture_output=True, text=True, timeout=300)
+    # Console scripts are installed beside the interpreter (the venv need not be activated)
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run([bin_dir / "score-train", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "--stage_one_steps" in result.stdout and "--gguf_file" in result.stdout
+    result = subprocess.run([bin_dir / "score-eval", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "--compare" in result.stdout and "--adapter" in result.stdout
 
 
 def read_wandb_history(run_file: Path) -> list[dict]:
