@@ -101,6 +101,18 @@ def parse_args(argv: list[str] | None = None):
     return make_parser().parse_args_and_config(recipe_argv(argv))
 
 
+def adapter_kwargs(args, tokenizer) -> dict:
+    """The data-adapter options (score_trl.data.to_score_rows) shared by the training and evaluation scripts."""
+    return dict(
+        format=args.dataset_format,
+        task=args.task,
+        question_column=args.question_column,
+        answer_column=args.answer_column,
+        system_prompt=args.system_prompt,
+        tokenizer=tokenizer,
+    )
+
+
 def check_launch(script_args, training_args, model_args):
     """Combinations that cannot work, refused before anything is loaded."""
     if not script_args.dataset_name:
@@ -165,15 +177,7 @@ def main(script_args, training_args, model_args):
     }
 
     # Data and rewards
-    data_kwargs = dict(
-        format=script_args.dataset_format,
-        task=script_args.task,
-        question_column=script_args.question_column,
-        answer_column=script_args.answer_column,
-        system_prompt=script_args.system_prompt,
-        tokenizer=tokenizer,
-        config_name=script_args.dataset_config,
-    )
+    data_kwargs = dict(config_name=script_args.dataset_config, **adapter_kwargs(script_args, tokenizer))
     train_dataset = load_score_dataset(
         script_args.dataset_name,
         split=script_args.dataset_train_split,

@@ -8,7 +8,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .launch import recipe_argv
+from .launch import adapter_kwargs, recipe_argv
 
 
 # Public benchmarks by short name: (hub id, config, split). A local file in the same format works via dataset_name.
@@ -152,12 +152,7 @@ def main(eval_args, model_args):
         split=eval_args.split or split,
         config_name=eval_args.dataset_config or (config if not eval_args.dataset_name else None),
         limit=eval_args.limit,
-        format=eval_args.dataset_format,
-        task=eval_args.task,
-        question_column=eval_args.question_column,
-        answer_column=eval_args.answer_column,
-        system_prompt=eval_args.system_prompt,
-        tokenizer=tokenizer,
+        **adapter_kwargs(eval_args, tokenizer),
     )
     reward_funcs = get_reward_funcs(eval_args.reward_funcs or [TASKS[dataset[0]["task"]].reward])
     output_dir = Path(eval_args.output_dir)
