@@ -16,10 +16,11 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from trl import ModelConfig
 
-from score_trl import SCoReConfig, SCoReTrainer
+from score_trl import SCoReTrainer
 from score_trl.launch import ScoreScriptArguments, check_launch, parse_args
 
 from conftest import TOY_WORDS, toy_dataset, toy_question, word_reward
+from test_trainer import make_args
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,20 +192,8 @@ def test_metrics_and_table_in_a_wandb_offline_run(tmp_path, tiny_model_dir, toke
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    args = SCoReConfig(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=8,
-        max_steps=2,
-        stage_one_steps=1,
-        logging_steps=1,
-        report_to=["wandb"],
-        log_completions=True,
-        save_strategy="no",
-        run_name="score-offline-test",
+    args = make_args(
+        tmp_path / "out", report_to=["wandb"], log_completions=True, run_name="score-offline-test", learning_rate=5e-6
     )
     trainer = SCoReTrainer(
         tiny_model_dir, word_reward, args=args, train_dataset=toy_dataset(8), processing_class=tokenizer

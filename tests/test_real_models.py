@@ -9,12 +9,13 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
-from score_trl import SCoReConfig, SCoReTrainer
+from score_trl import SCoReTrainer
 from score_trl.data import load_score_dataset
 from score_trl.models import convert_gguf, load_tokenizer
 from score_trl.rewards import math_answer_reward
 
 from conftest import SHARED_DATA
+from test_trainer import make_args
 
 
 pytestmark = pytest.mark.real_model
@@ -65,22 +66,8 @@ def test_stage_one_and_two_with_lora_then_reload(tmp_path, name):
     path = model_dir(name)
     tokenizer = load_tokenizer(path)
     dataset = load_score_dataset(str(SHARED_DATA / "gsm8k" / "train.jsonl"), limit=4, tokenizer=tokenizer)
-    args = SCoReConfig(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=16,
-        max_steps=2,
-        stage_one_steps=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=2,
-        report_to="none",
-        seed=0,
+    args = make_args(
+        tmp_path, gradient_checkpointing=False, max_completion_length=16, save_strategy="steps", save_steps=2
     )
     peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SCoReTrainer(
