@@ -19,20 +19,34 @@ class SCoReConfig(RLOOConfig):
 
     Inherits every parameter of [`~trl.RLOOConfig`]. What differs:
 
-    - Each prompt gets two attempts: the first attempt y1, then the correction instruction as a new user turn, then a
-      second attempt y2. Both attempts are trained; the instruction tokens are attended to but never trained.
+    - Each prompt gets `num_attempts` attempts (two by default, as in the paper): the first attempt y1, then the
+      correction instruction as a new user turn, then a second attempt y2, and so on. Every attempt is trained; the
+      instruction tokens are attended to but never trained.
     - Training runs in two stages on one schedule: Stage I for the first `stage_one_steps` optimizer steps, then
       Stage II. Stage I trains turn 2 on r(y2) with `beta` KL and holds turn 1 to the reference with `beta2` KL only;
       Stage II trains turn 1 on r(y1) and turn 2 on r(y2) + `alpha`·(r(y2) − r(y1)), with `beta` KL on both turns.
+      With K > 2 attempts, every later attempt t is trained like turn 2, on r(y_t) in Stage I and on
+      r(y_t) + `alpha`·(r(y_t) − r(y_{t−1})) in Stage II (a bonus for what it changed relative to the attempt it
+      corrects), with `beta` KL; Stage I still pins only turn 1 with `beta2`.
     - The KL is a per-token loss term (the k3 estimator exp(ref − logp) − (ref − logp) − 1, summed over each turn's
       tokens) instead of RLOO's first-order penalty folded into the reward: a penalty in the reward only reaches turn 1
       through a noisy leave-one-out advantage, while the loss term pulls every turn-1 token towards the reference
       directly, which is what Stage I relies on. Rewards, advantages and the logged `reward` carry no KL.
     - Advantages are RLOO's leave-one-out baseline computed per turn within each prompt's group of `num_generations`.
 
-    Defaults changed from [`~trl.RLOOConfig`]: `beta` is β1 = 0.01 and `learning_rate` 5e-6, the paper's values.
+    - When training is on-policy (each generation batch is consumed within one optimizer step:
+      `gradient_accumulation_steps` a multiple of `steps_per_generation * num_iterations`), the sampling policy's
+      log-probs are the detached training ones, so their no-grad pass is skipped (as GRPOTrainer does). Only attempt
+      tokens go through the LM head: prompt, injected correction turn and padding are never projected.
+
+    Defaults changed from [`~trl.RLOOConfig`]: `beta` is β1 = 0.01 and `learning_rate` 5e-6, the paper's values;
+    `bf16` is on only where a bf16-capable GPU is present; `disable_dropout` is True, so that the policy that samples
+    is the one that is scored (LoRA's default dropout of 0.05 would otherwise make them differ, and costs time).
 
     Parameters:
+        num_attempts (`int`, *optional*, defaults to `2`):
+            Attempts per prompt: y1 and `num_attempts - 1` corrections, each after the correction instruction. The
+            packed training row grows by one instruction turn and one attempt per extra attempt.
         stage_one_steps (`int`, *optional*, defaults to `100`):
             Number of optimizer steps trained in Stage I before switching to Stage II. `0` skips Stage I; a value of
             at least `max_steps` trains Stage I only.
@@ -46,6 +60,12 @@ class SCoReConfig(RLOOConfig):
             and rows without one get the paper's MATH instruction.
         correct_threshold (`float`, *optional*, defaults to `0.5`):
             An attempt counts as correct, for the self-correction metrics only, when its reward is at least this.
+        max_unscorable_steps (`int`, *optional*, defaults to `3`):
+            Training stops with an error after this many consecutive generation batches in which every reward
+            function returned None for every row and attempt. `0` never stops.
+        logprob_batch_size (`int`, *optional*):
+            Rows per forward in the no-grad log-prob passes (reference model and, when off-policy, the sampling
+            policy). `None` uses `per_device_train_batch_size` (`per_device_eval_batch_size` in evaluation).
     """
 
     learning_rate: float = field(
@@ -69,6 +89,13 @@ class SCoReConfig(RLOOConfig):
         default=10.0,
         metadata={"help": "α: Stage II reward on turn 2 is r(y2) + alpha * (r(y2) - r(y1)) (paper: 10)."},
     )
+    num_attempts: int = field(
+        default=2,
+        metadata={
+            "help": "Attempts per prompt (>= 2): y1, then num_attempts - 1 corrections. Attempt t >= 2 is trained on "
+            "r_t + alpha * (r_t - r_{t-1}) in Stage II. The paper uses 2."
+        },
+    )
     stage_one_steps: int = field(
         default=100,
         metadata={
@@ -83,6 +110,27 @@ class SCoReConfig(RLOOConfig):
             "`correction_instruction` column (set per task by score_trl.data), else the paper's MATH instruction."
         },
     )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Disable dropout (LoRA's included) in the policy and the reference, so the policy that samples is "
+            "the one that is scored. Default True, unlike RLOOConfig."
+        },
+    )
+    logprob_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows per forward in the no-grad log-prob passes (reference and, off-policy, sampling policy). "
+            "None: per_device_train_batch_size (per_device_eval_batch_size in evaluation)."
+        },
+    )
+    max_unscorable_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Stop training after this many consecutive generation batches in which every reward is None "
+            "(nothing scorable, so nothing learned). 0 never stops."
+        },
+    )
     correct_threshold: float = field(
         default=0.5,
         metadata={
@@ -92,11 +140,19 @@ class SCoReConfig(RLOOConfig):
     )
 
     def __post_init__(self):
+        # RLOOConfig turns bf16 on by default, which TrainingArguments refuses on a machine without a bf16 device
+        if self.bf16 is None and not self.fp16 and not _bf16_device_available(self.use_cpu):
+            self.bf16 = False
         # Checked before RLOOConfig's own checks so that the message names SCoRe's requirement and the fix.
         if self.num_generations is None or self.num_generations < 2:
             raise ValueError(
                 f"num_generations={self.num_generations}: SCoRe's leave-one-out baseline compares each attempt with "
                 "the other first attempts of the same prompt, so it needs at least 2. Set num_generations >= 2."
+            )
+        if self.num_attempts < 2:
+            raise ValueError(
+                f"num_attempts={self.num_attempts}: SCoRe needs a first attempt and at least one correction. Set "
+                "num_attempts >= 2 (the paper uses 2)."
             )
         for name in ("beta", "beta2", "alpha"):
             if getattr(self, name) < 0:
@@ -111,6 +167,10 @@ class SCoReConfig(RLOOConfig):
                 "beta=0 makes RLOOTrainer skip the reference model, but Stage I needs it for beta2 (the KL that holds "
                 "turn 1 near the reference). Set beta > 0 (paper: 0.01), or beta2=0 to train without a reference."
             )
+        if self.max_unscorable_steps < 0:
+            raise ValueError(f"max_unscorable_steps={self.max_unscorable_steps}: use 0 (never stop) or a count > 0.")
+        if self.logprob_batch_size is not None and self.logprob_batch_size < 1:
+            raise ValueError(f"logprob_batch_size={self.logprob_batch_size}: set a positive number of rows, or None.")
         if self.correction_instruction is not None and not self.correction_instruction.strip():
             raise ValueError(
                 "correction_instruction is empty; give the instruction that asks for a second attempt, or leave it "
@@ -130,3 +190,9 @@ class SCoReConfig(RLOOConfig):
                 "stage_one_steps so that stage_one_steps * gradient_accumulation_steps is a multiple of "
                 "steps_per_generation * num_iterations."
             )
+
+
+def _bf16_device_available(use_cpu: bool) -> bool:
+    import torch
+
+    return not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -100,7 +100,7 @@ def read_rows(path: str | Path) -> list[dict]:
         raise DataFormatError(f"{path}: unsupported extension {suffix!r}; use .csv, .json or .jsonl.")
     if not rows:
         raise DataFormatError(f"{path} has no rows.")
-    for number, row in enumerate(rows):
+    for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise DataFormatError(f"{path} row {number}: expected an object with named columns, got {row!r:.60}.")
     return rows
@@ -168,7 +168,7 @@ def to_score_rows(
     rng = random.Random(seed)
 
     out = []
-    for number, row in enumerate(rows):
+    for number, row in enumerate(rows, start=1):
         for column in required:
             value = row.get(column)
             if value is None or (isinstance(value, str) and not value.strip()):

@@ -1,8 +1,8 @@
-"""Self-correction evaluation: the paper's Acc@t1, Acc@t2, Δ, Δi→c, Δc→i with confidence intervals.
+"""Self-correction evaluation: the paper's Acc@t1, Acc@t2, Δ, Δi→c, Δc→i with confidence intervals, for K attempts.
 
 For each problem: y1 (greedy by default), then the correction turn built from token ids exactly as in training
-(`score_trl.turns`), then y2; both scored with the task's reward. Results are appended per problem to a JSONL file, so
-a killed run continues where it stopped.
+(`score_trl.turns`), then y2 (and so on up to yK); every attempt is scored with the task's reward. Results are
+appended per problem to a JSONL file, so a killed run continues where it stopped.
 """
 
 import json
@@ -86,17 +86,20 @@ def generate_attempts(
     prompts: list[list[dict]],
     instructions: list[str],
     chat_template_kwargs: dict | None = None,
-) -> tuple[list[list[int]], list[list[int]]]:
-    """First and second attempts (token ids) for a batch of conversational prompts; the second attempt's prompt is
-    built from the first attempt's ids exactly as in training."""
+    num_attempts: int = 2,
+) -> list[list[list[int]]]:
+    """`num_attempts` attempts (token ids) for a batch of conversational prompts; each later attempt's prompt is built
+    from the previous attempts' ids exactly as in training. Returns `attempts[t][i]`."""
     kwargs = chat_template_kwargs or {}
-    prompt_ids = tokenizer.apply_chat_template(
+    context = tokenizer.apply_chat_template(
         prompts, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs
     )["input_ids"]
-    first = generator(prompt_ids)
     bridges = {text: find_turn_bridge(tokenizer, text, kwargs) for text in set(instructions)}
-    _, second_prompts = next_attempt_prompts(prompt_ids, first, [bridges[text] for text in instructions])
-    return first, generator(second_prompts)
+    attempts = [generator(context)]
+    for _ in range(num_attempts - 1):
+        _, context = next_attempt_prompts(context, attempts[-1], [bridges[text] for text in instructions])
+        attempts.append(generator(context))
+    return attempts
 
 
 def score(reward_funcs: list[Callable], prompts, texts: list[str], rows: list[dict]) -> list[float | None]:
@@ -127,13 +130,15 @@ def evaluate(
     threshold: float = 0.5,
     progress: bool = True,
     generator: Callable | None = None,
+    num_attempts: int = 2,
 ) -> dict:
     """Evaluate self-correction on `dataset` (rows from `score_trl.data`); returns `summarize(records)`.
 
     With `output_jsonl`, each problem's record is appended as soon as it is scored and problems already in the file
     are skipped, so an interrupted evaluation resumes without redoing work. With `do_sample`, each problem is
     attempted `num_samples` times. `generator` maps prompt token ids to completion ids (default: transformers'
-    padded `generate` on `model`); see `TransformersGenerator` and `VLLMGenerator`.
+    padded `generate` on `model`); see `TransformersGenerator` and `VLLMGenerator`. Each problem gets
+    `num_attempts` attempts (y1 and num_attempts - 1 corrections).
     """
     if generator is None:
         generator = TransformersGenerator(model, tokenizer, max_new_tokens, do_sample, temperature)
@@ -155,21 +160,17 @@ def evaluate(
                 correction_instruction or row.get("correction_instruction") or MATH_CORRECTION_INSTRUCTION
                 for row in batch_rows
             ]
-            first, second = generate_attempts(generator, tokenizer, prompts, instructions)
-            texts1 = tokenizer.batch_decode(first, skip_special_tokens=True)
-            texts2 = tokenizer.batch_decode(second, skip_special_tokens=True)
-            rewards1 = score(reward_funcs, prompts, texts1, batch_rows)
-            rewards2 = score(reward_funcs, prompts, texts2, batch_rows)
+            attempts = generate_attempts(generator, tokenizer, prompts, instructions, num_attempts=num_attempts)
+            texts = [tokenizer.batch_decode(ids, skip_special_tokens=True) for ids in attempts]
+            rewards = [score(reward_funcs, prompts, attempt_texts, batch_rows) for attempt_texts in texts]
             for k, (index, sample) in enumerate(batch):
                 record = {
                     "index": index,
                     "sample": sample,
                     "id": _row_id(batch_rows[k], index),
                     "question": prompts[k][-1]["content"],
-                    "attempt_1": texts1[k],
-                    "attempt_2": texts2[k],
-                    "reward_1": rewards1[k],
-                    "reward_2": rewards2[k],
+                    **{f"attempt_{t + 1}": texts[t][k] for t in range(num_attempts)},
+                    **{f"reward_{t + 1}": rewards[t][k] for t in range(num_attempts)},
                 }
                 records.append(record)
                 if out is not None:
@@ -233,34 +234,52 @@ def bootstrap_interval(values: list[float], draws: int = 2000, seed: int = 0) ->
     return (means[int(0.025 * draws)], means[int(0.975 * draws) - 1])
 
 
+def attempts_in(records: list[dict]) -> int:
+    """Number of attempts the records hold (attempt_1 ... attempt_K)."""
+    return max((int(key.split("_")[1]) for r in records for key in r if key.startswith("reward_")), default=2)
+
+
 def summarize(records: list[dict], threshold: float = 0.5) -> dict:
-    """The paper's table from evaluation records. Rows with an unscorable attempt are left out (and counted)."""
-    scored = [r for r in records if r["reward_1"] is not None and r["reward_2"] is not None]
+    """The paper's table from evaluation records, for K attempts. Rows with an unscorable attempt are left out (and
+    counted).
+
+    `accuracy_t{t}` (with Wilson intervals) for every attempt; `delta`, `incorrect_to_correct` and
+    `correct_to_incorrect` compare the first and the last attempt (Δ(t1,tK); the paper's Δ(t1,t2) for K = 2), with a
+    paired-bootstrap interval on Δ; `transitions` lists i→c and c→i for each consecutive pair; `no_edit` and
+    `mean_edit_distance` compare the last attempt with the one before it.
+    """
+    k = attempts_in(records)
+    scored = [r for r in records if all(r.get(f"reward_{t}") is not None for t in range(1, k + 1))]
     n = len(scored)
-    c1 = [r["reward_1"] >= threshold for r in scored]
-    c2 = [r["reward_2"] >= threshold for r in scored]
-    i2c = sum(not a and b for a, b in zip(c1, c2, strict=True))
-    c2i = sum(a and not b for a, b in zip(c1, c2, strict=True))
-    deltas = [float(b) - float(a) for a, b in zip(c1, c2, strict=True)]
-    same = sum(r["attempt_1"].strip() == r["attempt_2"].strip() for r in scored)
-    distances = [edit_distance(r["attempt_1"], r["attempt_2"]) for r in scored]
+    correct = [[r[f"reward_{t}"] >= threshold for r in scored] for t in range(1, k + 1)]
 
-    def share(k):
-        return k / n if n else math.nan
+    def share(count):
+        return count / n if n else math.nan
 
+    def transition(a: int, b: int) -> dict:
+        return {
+            "from": a + 1,
+            "to": b + 1,
+            "incorrect_to_correct": share(sum(not x and y for x, y in zip(correct[a], correct[b], strict=True))),
+            "correct_to_incorrect": share(sum(x and not y for x, y in zip(correct[a], correct[b], strict=True))),
+        }
+
+    overall = transition(0, k - 1)
+    deltas = [float(y) - float(x) for x, y in zip(correct[0], correct[-1], strict=True)]
+    last, previous = f"attempt_{k}", f"attempt_{k - 1}"
+    summary = {"n": n, "unscorable": len(records) - n, "num_attempts": k}
+    for t in range(k):
+        summary[f"accuracy_t{t + 1}"] = share(sum(correct[t]))
+        summary[f"accuracy_t{t + 1}_ci"] = wilson_interval(sum(correct[t]), n)
     return {
-        "n": n,
-        "unscorable": len(records) - n,
-        "accuracy_t1": share(sum(c1)),
-        "accuracy_t1_ci": wilson_interval(sum(c1), n),
-        "accuracy_t2": share(sum(c2)),
-        "accuracy_t2_ci": wilson_interval(sum(c2), n),
-        "delta": share(sum(c2) - sum(c1)),
+        **summary,
+        "delta": share(sum(correct[-1]) - sum(correct[0])),
         "delta_ci": bootstrap_interval(deltas),
-        "incorrect_to_correct": share(i2c),
-        "correct_to_incorrect": share(c2i),
-        "no_edit": share(same),
-        "mean_edit_distance": sum(distances) / n if n else math.nan,
+        "incorrect_to_correct": overall["incorrect_to_correct"],
+        "correct_to_incorrect": overall["correct_to_incorrect"],
+        "transitions": [transition(t, t + 1) for t in range(k - 1)],
+        "no_edit": share(sum(r[last].strip() == r[previous].strip() for r in scored)),
+        "mean_edit_distance": sum(edit_distance(r[previous], r[last]) for r in scored) / n if n else math.nan,
     }
 
 

@@ -78,6 +78,13 @@ class ScoreScriptArguments:
     eval_max_new_tokens: int = field(
         default=256, metadata={"help": "Max new tokens per attempt in the before/after evaluation."}
     )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "Threads per process when training on CPU. None: the cores available to this job divided by "
+            "the processes on this machine (`accelerate launch` alone leaves OMP_NUM_THREADS=1)."
+        },
+    )
 
 
 def make_parser():
@@ -135,6 +142,18 @@ def check_launch(script_args, training_args, model_args):
         raise ValueError("bitsandbytes quantization needs a GPU; drop load_in_4bit/load_in_8bit for CPU runs.")
 
 
+def set_cpu_threads(threads: int | None = None, local_processes: int = 1) -> int:
+    """Intra-op threads for a CPU run: `threads`, else this job's cores shared among the local processes. `accelerate
+    launch` without `--cpu` exports OMP_NUM_THREADS=1, which leaves all but one core idle."""
+    import os
+
+    import torch
+
+    threads = threads or max(len(os.sched_getaffinity(0)) // max(local_processes, 1), 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def resolve_resume(training_args) -> str | None:
     """`resume_from_checkpoint`: a checkpoint folder, or true/last for the newest checkpoint in output_dir."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -156,16 +175,19 @@ def main(script_args, training_args, model_args):
     from trl import get_peft_config, get_quantization_config
 
     from .data import TASKS, load_score_dataset
-    from .models import convert_gguf, load_tokenizer
+    from .models import check_model_path, convert_gguf, load_tokenizer
     from .rewards import get_reward_funcs
     from .trainer import SCoReTrainer
 
     check_launch(script_args, training_args, model_args)
+    if training_args.device.type == "cpu":
+        set_cpu_threads(script_args.cpu_threads, training_args.distributed_state.num_processes)
 
     # Model: a hub id or folder, or a GGUF converted once to a cached folder
     model_path = model_args.model_name_or_path
     if script_args.gguf_file:
         model_path = convert_gguf(script_args.gguf_file, chat_template=script_args.chat_template)
+    check_model_path(model_path)
     tokenizer = load_tokenizer(
         model_path, model_args.model_revision, training_args.trust_remote_code, script_args.chat_template
     )
@@ -239,19 +261,16 @@ def _compare(trainer, eval_dataset, reward_funcs, script_args) -> dict | None:
         max_new_tokens=script_args.eval_max_new_tokens,
         correction_instruction=trainer.args.correction_instruction,
         batch_size=max(trainer.args.per_device_eval_batch_size, 8),
+        num_attempts=trainer.args.num_attempts,
     )
     model.train(was_training)
     return summary
 
 
 def format_before_after(before: dict, after: dict) -> str:
-    rows = [
-        ("Accuracy@t1", "accuracy_t1"),
-        ("Accuracy@t2", "accuracy_t2"),
-        ("Δ(t1,t2)", "delta"),
-        ("Δi→c", "incorrect_to_correct"),
-        ("Δc→i", "correct_to_incorrect"),
-    ]
+    k = before.get("num_attempts", 2)
+    rows = [(f"Accuracy@t{t}", f"accuracy_t{t}") for t in range(1, k + 1)]
+    rows += [(f"Δ(t1,t{k})", "delta"), ("Δi→c", "incorrect_to_correct"), ("Δc→i", "correct_to_incorrect")]
     lines = [f"Self-correction on {before['n']} problems (greedy)", f"{'':<14}{'before':>9}{'after':>9}"]
     lines += [f"{label:<14}{before[key]:>9.3f}{after[key]:>9.3f}" for label, key in rows]
     return "\n".join(lines)

@@ -59,6 +59,9 @@ class EvalArguments:
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with do_sample)."})
     num_samples: int = field(default=1, metadata={"help": "Attempts per problem when sampling."})
+    num_attempts: int = field(
+        default=2, metadata={"help": "Attempts per problem: y1 and num_attempts - 1 corrections (>= 2)."}
+    )
     correction_instruction: str | None = field(
         default=None, metadata={"help": "Instruction for every problem; the task's own (as in training) if unset."}
     )
@@ -146,6 +149,8 @@ def main(eval_args, model_args):
     if not source:
         raise ValueError("Set benchmark (gsm8k, math500, humaneval, mbpp) or dataset_name (a file or hub id).")
 
+    if eval_args.num_attempts < 2:
+        raise ValueError(f"num_attempts={eval_args.num_attempts}: evaluate at least 2 attempts (y1 and a correction).")
     model, tokenizer, generator = load_model(eval_args, model_args)
     dataset = load_score_dataset(
         source,
@@ -169,6 +174,7 @@ def main(eval_args, model_args):
         num_samples=eval_args.num_samples,
         threshold=eval_args.correct_threshold,
         generator=generator,
+        num_attempts=eval_args.num_attempts,
     )
     label = eval_args.label or Path(eval_args.adapter or model_args.model_name_or_path or eval_args.gguf_file).name
     paths = write_report(summary, output_dir, label)

@@ -1,29 +1,29 @@
-"""Self-correction statistics from per-attempt rewards (the paper's Acc@t1, Acc@t2, Δ, Δi→c, Δc→i)."""
+"""Self-correction statistics from per-attempt rewards (the paper's Acc@t1, Acc@t2, Δ, Δi→c, Δc→i, for K attempts)."""
 
 import torch
 
 
 def self_correction_stats(rewards: torch.Tensor, threshold: float) -> dict[str, float]:
-    """Statistics over the rows of (N, 2) rewards [r1, r2] where both attempts are scorable (not NaN).
+    """Statistics over the rows of (N, K) rewards [r1, ..., rK] where every attempt is scorable (not NaN).
 
-    An attempt is correct when its reward is >= threshold. Shares are over all scorable rows, so
-    `delta == incorrect_to_correct - correct_to_incorrect` exactly. Returns NaN values when no row is scorable.
+    An attempt is correct when its reward is >= threshold. `accuracy_t{t}` for every attempt; `delta`,
+    `incorrect_to_correct` and `correct_to_incorrect` compare the first and the last attempt (the paper's Δ(t1,t2)
+    for K = 2), so `delta == incorrect_to_correct - correct_to_incorrect` exactly; `reward_delta` is the mean
+    r_K - r_1. With K > 2, every consecutive pair also gets `incorrect_to_correct_t{t}_t{t+1}` and
+    `correct_to_incorrect_t{t}_t{t+1}`. Shares are over the scorable rows; NaN values when there is none.
     """
+    num_attempts = rewards.size(1)
     scorable = ~torch.isnan(rewards).any(dim=1)
     r = rewards[scorable].double()
-    if r.numel() == 0:
-        nan = float("nan")
-        return dict.fromkeys(
-            ["accuracy_t1", "accuracy_t2", "delta", "incorrect_to_correct", "correct_to_incorrect", "reward_delta"],
-            nan,
-        )
     correct = r >= threshold
-    c1, c2 = correct[:, 0], correct[:, 1]
-    return {
-        "accuracy_t1": c1.double().mean().item(),
-        "accuracy_t2": c2.double().mean().item(),
-        "delta": (c2.double() - c1.double()).mean().item(),
-        "incorrect_to_correct": (~c1 & c2).double().mean().item(),
-        "correct_to_incorrect": (c1 & ~c2).double().mean().item(),
-        "reward_delta": (r[:, 1] - r[:, 0]).mean().item(),
-    }
+    pairs = [(0, num_attempts - 1)] + ([(t, t + 1) for t in range(num_attempts - 1)] if num_attempts > 2 else [])
+    stats = {f"accuracy_t{t + 1}": correct[:, t].double().mean().item() for t in range(num_attempts)}
+    stats["delta"] = (correct[:, -1].double() - correct[:, 0].double()).mean().item()
+    for k, (a, b) in enumerate(pairs):
+        suffix = "" if k == 0 else f"_t{a + 1}_t{b + 1}"
+        stats[f"incorrect_to_correct{suffix}"] = (~correct[:, a] & correct[:, b]).double().mean().item()
+        stats[f"correct_to_incorrect{suffix}"] = (correct[:, a] & ~correct[:, b]).double().mean().item()
+    stats["reward_delta"] = (r[:, -1] - r[:, 0]).mean().item()
+    if r.size(0) == 0:
+        return dict.fromkeys(stats, float("nan"))
+    return stats

@@ -94,6 +94,17 @@ def _stop_at_end_of_turn(model, tokenizer):
         model.generation_config.eos_token_id = sorted({*eos, close})
 
 
+def check_model_path(name: str):
+    """A name that can only be a local path (absolute, relative with ./ or ~, or with more than one '/') must exist;
+    otherwise transformers reports it as a malformed hub id."""
+    local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    if local and not Path(name).expanduser().exists():
+        raise FileNotFoundError(
+            f"model path {name!r} does not exist. Give an existing local folder (a saved model or checkpoint), or a "
+            "hub id of the form 'org/name'."
+        )
+
+
 def load_tokenizer(model_name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
                    chat_template: str | None = None):  # fmt: skip
     """The tokenizer as SCoReTrainer wants it: left padding, a pad token (EOS when the model defines none), and the

@@ -1,6 +1,6 @@
 """SCoRe's per-turn objective as tensor arithmetic: stage schedule, shaped rewards, advantages, KL, loss.
 
-Shapes: rewards and advantages are (N, num_attempts); per-token tensors are (B, C); turn masks (B, num_attempts, C).
+Shapes: rewards and advantages are (N, K) for K attempts; per-token tensors are (B, C); turn masks (B, K, C).
 """
 
 import torch
@@ -16,18 +16,18 @@ def stage_at(global_step: int, stage_one_steps: int) -> int:
 
 
 def shaped_rewards(rewards: torch.Tensor, stage: int, alpha: float) -> torch.Tensor:
-    """Per-turn training rewards from the verifier rewards (N, 2) = [r1, r2].
+    """Per-attempt training rewards from the verifier rewards (N, K) = [r1, ..., rK].
 
-    Stage I: turn 1 gets no reward (it is trained only by the KL term), turn 2 gets r2.
-    Stage II: turn 1 gets r1, turn 2 gets r2 + alpha * (r2 - r1). Turn 1 never sees the bonus: crediting it there
-    would penalize a correct first attempt.
-    NaN (unscorable) stays NaN so that the leave-one-out baseline skips the row.
+    Stage I: attempt 1 gets no reward (it is trained only by the KL term), attempt t >= 2 gets r_t.
+    Stage II: attempt 1 gets r1, attempt t >= 2 gets r_t + alpha * (r_t - r_{t-1}): each correction is paid for
+    what it changed relative to the attempt it corrected. An attempt never sees the bonus of the next one: crediting
+    it there would penalize a correct earlier attempt.
+    NaN (unscorable) stays NaN, and makes the next attempt's bonus NaN, so that the leave-one-out baseline skips it.
     """
-    r1, r2 = rewards[:, 0], rewards[:, 1]
+    first, later = rewards[:, :1], rewards[:, 1:]
     if stage == STAGE_ONE:
-        turn1 = torch.where(torch.isnan(r1), r1, torch.zeros_like(r1))
-        return torch.stack([turn1, r2], dim=1)
-    return torch.stack([r1, r2 + alpha * (r2 - r1)], dim=1)
+        return torch.cat([torch.where(torch.isnan(first), first, torch.zeros_like(first)), later], dim=1)
+    return torch.cat([first, later + alpha * (later - rewards[:, :-1])], dim=1)
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, num_generations: int, normalize: bool = False) -> torch.Tensor:
@@ -55,9 +55,9 @@ def nanstd_columns(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([nanstd(x[:, k]) for k in range(x.size(1))])
 
 
-def kl_coefficients(stage: int, beta: float, beta2: float) -> tuple[float, float]:
-    """(turn-1, turn-2) KL coefficients: Stage I (beta2, beta), Stage II (beta, beta)."""
-    return (beta2, beta) if stage == STAGE_ONE else (beta, beta)
+def kl_coefficients(stage: int, beta: float, beta2: float, num_attempts: int = 2) -> tuple[float, ...]:
+    """Per-attempt KL coefficients: Stage I (beta2, beta, ..., beta), Stage II (beta, ..., beta)."""
+    return ((beta2 if stage == STAGE_ONE else beta),) + (beta,) * (num_attempts - 1)
 
 
 def k3_kl(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor) -> torch.Tensor:

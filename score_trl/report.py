@@ -4,19 +4,37 @@ import json
 from pathlib import Path
 
 
-ROWS = [
-    ("Accuracy@t1", "accuracy_t1"),
-    ("Accuracy@t2", "accuracy_t2"),
-    ("Δ(t1,t2)", "delta"),
-    ("Δi→c(t1,t2)", "incorrect_to_correct"),
-    ("Δc→i(t1,t2)", "correct_to_incorrect"),
-    ("no edit (y2 = y1)", "no_edit"),
-    ("mean edit distance", "mean_edit_distance"),
-]
+def rows_for(summaries: list[dict]) -> list[tuple[str, str]]:
+    """(label, key) rows for runs of up to K attempts: Acc@t per attempt, Δ and transitions between the first and
+    the last attempt, then per consecutive pair when some run has more than two."""
+    k = max(s.get("num_attempts", 2) for s in summaries)
+    last = f"t{k}" if all(s.get("num_attempts", 2) == k for s in summaries) else "tK"
+    rows = [(f"Accuracy@t{t}", f"accuracy_t{t}") for t in range(1, k + 1)]
+    rows += [
+        (f"Δ(t1,{last})", "delta"),
+        (f"Δi→c(t1,{last})", "incorrect_to_correct"),
+        (f"Δc→i(t1,{last})", "correct_to_incorrect"),
+    ]
+    if k > 2:
+        for t in range(1, k):
+            rows += [(f"Δi→c(t{t},t{t + 1})", f"i2c/{t}"), (f"Δc→i(t{t},t{t + 1})", f"c2i/{t}")]
+    rows += [("no edit (last = previous attempt)", "no_edit"), ("mean edit distance", "mean_edit_distance")]
+    return rows
+
+
+def _value(summary: dict, key: str):
+    if "/" in key:  # a consecutive pair's transition
+        name, t = key.split("/")
+        pairs = {p["from"]: p for p in summary.get("transitions", [])}
+        field = {"i2c": "incorrect_to_correct", "c2i": "correct_to_incorrect"}[name]
+        return pairs[int(t)][field] if int(t) in pairs else None
+    return summary.get(key)
 
 
 def _cell(summary: dict, key: str) -> str:
-    value = summary[key]
+    value = _value(summary, key)
+    if value is None:
+        return "–"
     if key == "mean_edit_distance":
         return f"{value:.1f}"
     ci = summary.get(f"{key}_ci")
@@ -24,18 +42,21 @@ def _cell(summary: dict, key: str) -> str:
 
 
 def markdown_table(summaries: list[dict], labels: list[str]) -> str:
-    """Metrics as rows, runs as columns; percentages with 95% intervals (Wilson for accuracies, bootstrap for Δ)."""
+    """Metrics as rows, runs as columns; percentages with 95% intervals (Wilson for accuracies, bootstrap for Δ).
+    Runs with different numbers of attempts share the table; a run shows – where it has no such attempt."""
     lines = [
         "| metric | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(labels),
         "| problems | " + " | ".join(str(s["n"]) for s in summaries) + " |",
     ]
-    lines += [f"| {name} | " + " | ".join(_cell(s, key) for s in summaries) + " |" for name, key in ROWS]
+    for name, key in rows_for(summaries):
+        lines.append(f"| {name} | " + " | ".join(_cell(s, key) for s in summaries) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(summaries: list[dict], labels: list[str], path: str | Path) -> Path:
-    """Acc@t1 vs Acc@t2 per run (left) and the transitions i→c / c→i per run (right), as a PNG."""
+    """Accuracy against attempt with 95% intervals, one line per run (left), and the transitions i→c / c→i between
+    the first and the last attempt per run (right), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,16 +64,20 @@ def plot(summaries: list[dict], labels: list[str], path: str | Path) -> Path:
 
     x = range(len(labels))
     width = 0.38
-    fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 2 * len(labels), 3.6))
-    for offset, key, name in ((-width / 2, "accuracy_t1", "Acc@t1"), (width / 2, "accuracy_t2", "Acc@t2")):
-        values = [100 * s[key] for s in summaries]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8 + len(labels), 3.6))
+    for i, (summary, label) in enumerate(zip(summaries, labels, strict=True)):
+        attempts = list(range(1, summary.get("num_attempts", 2) + 1))
+        values = [100 * summary[f"accuracy_t{t}"] for t in attempts]
         errors = [
-            [100 * (s[key] - s[f"{key}_ci"][0]) for s in summaries],
-            [100 * (s[f"{key}_ci"][1] - s[key]) for s in summaries],
+            [100 * (summary[f"accuracy_t{t}"] - summary[f"accuracy_t{t}_ci"][0]) for t in attempts],
+            [100 * (summary[f"accuracy_t{t}_ci"][1] - summary[f"accuracy_t{t}"]) for t in attempts],
         ]
-        left.bar([i + offset for i in x], values, width, yerr=errors, capsize=3, label=name)
+        offset = (i - (len(labels) - 1) / 2) * 0.04  # keep overlapping intervals apart
+        left.errorbar([t + offset for t in attempts], values, yerr=errors, marker="o", capsize=3, label=label)
+    left.set_xticks(range(1, max(s.get("num_attempts", 2) for s in summaries) + 1))
+    left.set_xlabel("attempt")
     left.set_ylabel("accuracy (%)")
-    left.set_title("first vs second attempt")
+    left.set_title("accuracy by attempt")
     for offset, key, name, color in (
         (-width / 2, "incorrect_to_correct", "incorrect→correct", "tab:green"),
         (width / 2, "correct_to_incorrect", "correct→incorrect", "tab:red"),
@@ -62,9 +87,9 @@ def plot(summaries: list[dict], labels: list[str], path: str | Path) -> Path:
         0, max(5.0, *(100 * s[k] for s in summaries for k in ("incorrect_to_correct", "correct_to_incorrect"))) * 1.15
     )
     right.set_ylabel("share of problems (%)")
-    right.set_title("transitions between attempts")
+    right.set_title("first → last attempt")
+    right.set_xticks(list(x), labels)
     for axis in (left, right):
-        axis.set_xticks(list(x), labels)
         axis.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)

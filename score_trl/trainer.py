@@ -7,15 +7,18 @@ import pandas as pd
 import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
-from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, is_trackio_available, is_wandb_available
 from transformers.utils import is_rich_available
 from trl import RLOOTrainer
+from trl.extras.profiling import profiling_decorator
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, nanmax, nanstd, pad, print_prompt_completions_sample, use_adapter
 
 from .config import MATH_CORRECTION_INSTRUCTION, SCoReConfig
+from .inputs import check_dataset, check_renders, named_eval_datasets
+from .logprobs import per_token_logps
 from .metrics import self_correction_stats
+from .models import check_model_path
 from .objective import (
     clipped_policy_loss,
     k3_kl,
@@ -25,6 +28,7 @@ from .objective import (
     shaped_rewards,
     stage_at,
 )
+from .reward_checks import CheckedReward, RewardError, dry_run, explain_failure, is_plain_reward
 from .turns import find_turn_bridge, next_attempt_prompts, pack_attempts, turn_masks
 
 
@@ -75,8 +79,10 @@ class SCoReTrainer(RLOOTrainer):
             }"""),
     }
 
-    # The rollout and the loss loop over attempts; the shaped rewards (Stage I/II) are defined for two.
-    num_attempts = 2
+    @property
+    def num_attempts(self) -> int:
+        """Attempts per prompt: y1, then `num_attempts - 1` corrections (SCoReConfig.num_attempts)."""
+        return self.args.num_attempts
 
     def __init__(
         self,
@@ -96,10 +102,12 @@ class SCoReTrainer(RLOOTrainer):
                 f"`args` must be a SCoReConfig, got {type(args).__name__}. Build it with SCoReConfig(...)."
             )
 
-        # Everything below fails before any model work: a bad dataset or tokenizer should not cost a load.
-        first_prompt = _check_dataset(train_dataset, "train_dataset")
-        for name, dataset in _named_eval_datasets(eval_dataset):
-            _check_dataset(dataset, name)
+        # Everything below fails before any model work: a bad dataset, reward or tokenizer should not cost a load.
+        if isinstance(model, str):
+            check_model_path(model)
+        first = check_dataset(train_dataset, "train_dataset", args.generation_batch_size // args.num_generations)
+        for name, dataset in named_eval_datasets(eval_dataset):
+            check_dataset(dataset, name)
         if processing_class is None:
             init_kwargs = args.model_init_kwargs or {}
             processing_class = AutoTokenizer.from_pretrained(
@@ -122,8 +130,12 @@ class SCoReTrainer(RLOOTrainer):
         chat_template_kwargs = args.chat_template_kwargs or {}
         default_instruction = args.correction_instruction or MATH_CORRECTION_INSTRUCTION
         bridge = find_turn_bridge(processing_class, default_instruction, chat_template_kwargs)
-        if first_prompt is not None:
-            _check_renders(processing_class, first_prompt, chat_template_kwargs)
+        if first:
+            check_renders(processing_class, first[0]["prompt"], chat_template_kwargs)
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        names = [getattr(f, "__name__", type(f).__name__) for f in funcs]
+        dry_run(funcs, names, first)
+        reward_funcs = [CheckedReward(f, n) if is_plain_reward(f) else f for f, n in zip(funcs, names, strict=True)]
 
         super().__init__(
             model,
@@ -135,6 +147,7 @@ class SCoReTrainer(RLOOTrainer):
             **kwargs,
         )
         self._bridges = {default_instruction: bridge}
+        self._unscorable_streak = 0
         # Rows of the completions table, sized like RLOO's to the latest generation batch
         self._attempt_logs = defaultdict(lambda: deque(maxlen=args.generation_batch_size))
 
@@ -204,6 +217,9 @@ class SCoReTrainer(RLOOTrainer):
             dim=1,
         )
 
+        if mode == "train":
+            self._check_scorable(rewards)
+
         layout = self._training_layout(prompt_ids, attempts, appended)
         is_given = torch.tensor([g is not None for g in given], device=device)
         # A given first attempt was not sampled from the policy: no turn-1 loss or KL on it, and no place in the
@@ -212,23 +228,21 @@ class SCoReTrainer(RLOOTrainer):
         input_ids = torch.cat([layout["prompt_ids"], layout["completion_ids"]], dim=1)
         attention_mask = torch.cat([layout["prompt_mask"], layout["completion_mask"]], dim=1)
         turn_ids = layout["turn_ids"]
-        logits_to_keep = layout["completion_ids"].size(1)
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         if mode == "train":
             self.state.num_input_tokens_seen += self.accelerator.gather(attention_mask.sum()).sum().item()
         self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
 
+        scored = turn_ids > 0
+        chunk = self.args.logprob_batch_size or batch_size
+        old_logps = None
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            old_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(
-                self.model, input_ids, attention_mask, logits_to_keep, batch_size
-            )
+            if not self._on_policy:
+                old_per_token_logps, _, _ = self._turn_logps(self.model, input_ids, attention_mask, scored, chunk)
+                old_logps = per_turn_sums(old_per_token_logps, turn_masks(turn_ids, self.num_attempts))
             ref_per_token_logps = None
             if self.beta != 0.0:
-                ref_per_token_logps = self._reference_per_token_logps(
-                    input_ids, attention_mask, logits_to_keep, batch_size
-                )
-        masks = turn_masks(turn_ids, self.num_attempts)
-        old_logps = per_turn_sums(old_per_token_logps, masks)
+                ref_per_token_logps = self._reference_per_token_logps(input_ids, attention_mask, scored, chunk)
 
         # Per-turn leave-one-out advantages on the gathered rewards, then this process's slice
         targets = shaped_rewards(rewards, stage, self.args.alpha)
@@ -236,9 +250,9 @@ class SCoReTrainer(RLOOTrainer):
         all_advantages = leave_one_out_advantages(targets, num_generations, self.normalize_advantages)
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
         advantages = all_advantages[local]
-        kl_coef = torch.tensor(kl_coefficients(stage, self.beta, self.args.beta2), device=device)
+        kl_coef = torch.tensor(kl_coefficients(stage, self.beta, self.args.beta2, self.num_attempts), device=device)
 
-        self._log_rollout(mode, rewards, targets, num_generations, masks, old_per_token_logps, ref_per_token_logps)
+        self._log_rollout(mode, rewards, targets, num_generations, len(inputs))
         self._log_table_rows(prompts, texts, rewards, all_advantages)
         return {
             **layout,
@@ -247,6 +261,20 @@ class SCoReTrainer(RLOOTrainer):
             "advantages": advantages,
             "kl_coef": kl_coef.expand(len(inputs), -1).contiguous(),
         }
+
+    def _check_scorable(self, rewards):
+        """Log the unscorable share per attempt; stop after `max_unscorable_steps` batches with no reward at all."""
+        unscorable = torch.isnan(rewards)
+        for t in range(self.num_attempts):
+            self._metrics["train"][f"turn{t + 1}/frac_unscorable"].append(unscorable[:, t].float().mean().item())
+        self._unscorable_streak = self._unscorable_streak + 1 if unscorable.all() else 0
+        if self._unscorable_streak and self._unscorable_streak >= (self.args.max_unscorable_steps or float("inf")):
+            raise RewardError(
+                f"Every reward function returned None for every row and attempt of {self._unscorable_streak} "
+                f"generation batches in a row (step {self.state.global_step}): nothing can be learned. Check that the "
+                f"reference column of {self.reward_func_names} is filled and parses. Checkpoints already saved in "
+                f"{self.args.output_dir} are intact."
+            )
 
     def _first_attempts(self, prompt_ids, given) -> list[list[int]]:
         """y1 ids: the given text tokenized as the model's turn where a row has one, sampled elsewhere."""
@@ -289,18 +317,29 @@ class SCoReTrainer(RLOOTrainer):
         ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
         return [not ids or ids[-1] not in ends for ids in completion_ids]
 
-    def _reference_per_token_logps(self, input_ids, attention_mask, logits_to_keep, batch_size):
+    @property
+    def _on_policy(self) -> bool:
+        # A generation batch consumed within one optimizer step is scored by the policy that sampled it, so the
+        # sampling log-probs equal the (detached) training ones and their no-grad pass is skipped, as in GRPOTrainer.
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self.args.gradient_accumulation_steps % generate_every == 0
+
+    @profiling_decorator
+    def _turn_logps(self, model, input_ids, attention_mask, scored, chunk_size=None, **kwargs):
+        """Per-token log-probs of attempt tokens only (see `score_trl.logprobs`); 0 on prompt and injected turns."""
+        return per_token_logps(
+            model, input_ids, attention_mask, scored, chunk_size or input_ids.size(0), self.accelerator.autocast,
+            **kwargs,
+        )  # fmt: skip
+
+    def _reference_per_token_logps(self, input_ids, attention_mask, scored, chunk_size):
         # As RLOO: a separate reference model, or under PEFT the same model with the adapter disabled (or the frozen
         # "ref" copy of a pretrained adapter), so no second copy is held in memory.
         if self.ref_model is not None:
-            return self._get_per_token_logps_and_entropies(
-                self.ref_model, input_ids, attention_mask, logits_to_keep, batch_size
-            )[0]
+            return self._turn_logps(self.ref_model, input_ids, attention_mask, scored, chunk_size)[0]
         unwrapped = self.accelerator.unwrap_model(self.model)
         with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-            return self._get_per_token_logps_and_entropies(
-                self.model, input_ids, attention_mask, logits_to_keep, batch_size
-            )[0]
+            return self._turn_logps(self.model, input_ids, attention_mask, scored, chunk_size)[0]
 
     def _attempt_rewards(self, inputs, prompts, texts, attempts, instructions, t, mode) -> torch.Tensor:
         """Score attempt t with RLOO's reward machinery; returns gathered (N_global,) rewards, NaN when unscorable."""
@@ -316,7 +355,14 @@ class SCoReTrainer(RLOOTrainer):
         pending_extra, pending_metrics = dict(self._pending_extra_logs), dict(self._pending_metrics)
         self._pending_extra_logs.clear()
         self._pending_metrics.clear()
-        rewards_per_func = self._calculate_rewards(inputs, conversations, completions, attempts[t])
+        try:
+            rewards_per_func = self._calculate_rewards(inputs, conversations, completions, attempts[t])
+        except Exception as err:
+            where = explain_failure(self.reward_funcs, self.reward_func_names, inputs, texts[t], t + 1, self.state)
+            raise RewardError(
+                f"{where}. Training stopped at step {self.state.global_step}; checkpoints already saved in "
+                f"{self.args.output_dir} are intact (resume with resume_from_checkpoint)."
+            ) from err
         pending_extra.update({f"{k}/turn{t + 1}": v for k, v in self._pending_extra_logs.items()})
         pending_metrics.update({f"{k}/turn{t + 1}": v for k, v in self._pending_metrics.items()})
         self._pending_extra_logs.clear()
@@ -345,7 +391,7 @@ class SCoReTrainer(RLOOTrainer):
         self._metrics[mode][f"{prefix}/max_length"].append(lengths.max().item())
         self._metrics[mode][f"{prefix}/clipped_ratio"].append(truncated.float().mean().item())
 
-    def _log_rollout(self, mode, rewards, targets, num_generations, masks, old_per_token_logps, ref_logps):
+    def _log_rollout(self, mode, rewards, targets, num_generations, num_rows):
         metrics = self._metrics[mode]
         for t in range(self.num_attempts):
             metrics[f"turn{t + 1}/reward"].append(torch.nanmean(rewards[:, t]).item())
@@ -358,16 +404,8 @@ class SCoReTrainer(RLOOTrainer):
                 )
         for key, value in self_correction_stats(rewards, self.args.correct_threshold).items():
             metrics[f"self_correction/{key}"].append(value)
-        if ref_logps is not None:
-            # Per-token mean KL over each turn's trained tokens, reduced across processes like RLOO's `kl`
-            kl_sums = per_turn_sums(k3_kl(old_per_token_logps, ref_logps), masks).sum(0)
-            counts = masks.sum(dim=(0, 2))
-            totals = self.accelerator.reduce(torch.cat([kl_sums, counts]), reduction="sum")
-            for t in range(self.num_attempts):
-                metrics[f"turn{t + 1}/kl"].append((totals[t] / totals[self.num_attempts + t].clamp(min=1.0)).item())
 
         # Flush what reward functions logged (renamed per attempt), gathered across processes like RLOO does
-        num_rows = masks.size(0)
         for column in sorted(set(gather_object(list(self._pending_extra_logs)))):
             values = self._pending_extra_logs.get(column, [None] * num_rows)
             self._attempt_logs[column].extend(gather_object(values))
@@ -391,20 +429,20 @@ class SCoReTrainer(RLOOTrainer):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+        per_token_logps, entropies, aux_loss = self._turn_logps(
             model,
             input_ids,
             attention_mask,
-            completion_ids.size(1),
+            inputs["turn_ids"] > 0,
             compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
         )
         masks = turn_masks(inputs["turn_ids"], self.num_attempts)
         logps = per_turn_sums(per_token_logps, masks)
+        old_logps = logps.detach() if inputs["old_logps"] is None else inputs["old_logps"]
         advantages = inputs["advantages"]
-        per_turn_loss, ratio = clipped_policy_loss(
-            logps, inputs["old_logps"], advantages, self.epsilon_low, self.epsilon_high
-        )
+        per_turn_loss, ratio = clipped_policy_loss(logps, old_logps, advantages, self.epsilon_low, self.epsilon_high)
+        per_turn_kl = None
         if inputs["ref_per_token_logps"] is not None:
             per_turn_kl = per_turn_sums(k3_kl(per_token_logps, inputs["ref_per_token_logps"]), masks)
             per_turn_loss = per_turn_loss + inputs["kl_coef"] * per_turn_kl
@@ -417,6 +455,12 @@ class SCoReTrainer(RLOOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         trained = masks.sum(dim=1)
+        if per_turn_kl is not None:
+            # Per-token mean KL over each turn's trained tokens, reduced across processes
+            totals = self.accelerator.reduce(torch.cat([per_turn_kl.detach().sum(0), masks.sum(dim=(0, 2))]), "sum")
+            for t in range(self.num_attempts):
+                kl = totals[t] / totals[self.num_attempts + t].clamp(min=1.0)
+                self._metrics[mode][f"turn{t + 1}/kl"].append(kl.item())
         entropy_stats = self.accelerator.reduce(
             torch.stack([(entropies * trained).sum(), trained.sum()]), reduction="sum"
         )
@@ -446,14 +490,16 @@ class SCoReTrainer(RLOOTrainer):
         rows = {key: list(values) for key, values in self._attempt_logs.items()}
         step = self.state.global_step
         if is_rich_available():
+            last = self.num_attempts
+            earlier = range(1, last)
             print_prompt_completions_sample(
                 rows["prompt"],
-                rows["attempt_2"],
-                {"reward_1": rows["reward_1"], "reward_2": rows["reward_2"]},
-                rows["advantage_2"],
+                rows[f"attempt_{last}"],
+                {f"reward_{t}": rows[f"reward_{t}"] for t in range(1, last + 1)},
+                rows[f"advantage_{last}"],
                 step,
                 self.num_completions_to_print,
-                extra={"attempt_1": rows["attempt_1"], "advantage_1": rows["advantage_1"]},
+                extra={key: rows[key] for t in earlier for key in (f"attempt_{t}", f"advantage_{t}")},
             )
         table = pd.DataFrame({"step": [step] * len(rows["prompt"]), **rows})
         if self.log_unique_prompts:
@@ -463,45 +509,3 @@ class SCoReTrainer(RLOOTrainer):
             wandb.log({"completions": wandb.Table(dataframe=table)})
         if "trackio" in report_to:
             trackio.log({"completions": trackio.Table(dataframe=table)})
-
-
-def _named_eval_datasets(eval_dataset):
-    if eval_dataset is None:
-        return []
-    if isinstance(eval_dataset, dict):
-        return [(f"eval_dataset[{key!r}]", ds) for key, ds in eval_dataset.items()]
-    return [("eval_dataset", eval_dataset)]
-
-
-def _check_dataset(dataset, name):
-    """Fail early on a dataset SCoRe cannot roll out; returns the first prompt when it can be read cheaply."""
-    if dataset is None:
-        return None
-    columns = getattr(dataset, "column_names", None)
-    if columns is not None and "prompt" not in columns:
-        raise ValueError(
-            f"{name} has no 'prompt' column (columns: {columns}). Map each row to a conversational prompt, e.g. "
-            "`dataset.map(lambda x: {'prompt': [{'role': 'user', 'content': x['question']}]})`."
-        )
-    if not isinstance(dataset, Dataset) or len(dataset) == 0:
-        return None
-    prompt = dataset[0]["prompt"]
-    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m for m in prompt):
-        raise ValueError(
-            f"{name} row 0: 'prompt' must be conversational (a list of {{'role', 'content'}} messages), got "
-            f"{type(prompt).__name__}. SCoRe appends the correction as a chat turn, so it needs the chat structure."
-        )
-    return prompt
-
-
-def _check_renders(tokenizer, prompt, chat_template_kwargs):
-    try:
-        tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **chat_template_kwargs)
-    except TemplateError as err:
-        hint = ""
-        if any(m["role"] == "system" for m in prompt):
-            hint = (
-                " The prompt has a system message and this template rejects the system role (as Gemma's does): fold "
-                "the system text into the first user turn."
-            )
-        raise ValueError(f"train_dataset row 0: the chat template cannot render the prompt: {err}.{hint}") from err

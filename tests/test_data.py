@@ -87,7 +87,8 @@ def test_shared_files_load():
 
 def test_missing_column_names_file_row_and_column(tmp_path):
     path = write(tmp_path / "gsm.jsonl", [GSM8K_ROW, {"question": "Q?", "answer": ""}])
-    with pytest.raises(DataFormatError, match=r"gsm.jsonl row 1: missing or empty column 'answer'"):
+    # 1-based, like the line numbers of JSON errors: the second row of the file is row 2
+    with pytest.raises(DataFormatError, match=r"gsm.jsonl row 2: missing or empty column 'answer'"):
         load_score_dataset(str(path))
 
 
@@ -140,11 +141,12 @@ def test_first_attempt_fraction_is_seeded():
         to_score_rows([SEED_ROW], source="mem", first_attempt_fraction=1.5)
 
 
-def test_trainer_uses_given_first_attempts_and_row_instructions(tmp_path, tiny_model_dir, tokenizer):
+@pytest.mark.parametrize("num_attempts", [2, 3], ids=["two_attempts", "three_attempts"])
+def test_trainer_uses_given_first_attempts_and_row_instructions(tmp_path, tiny_model_dir, tokenizer, num_attempts):
     trainer = SCoReTrainer(
         tiny_model_dir,
         reward_funcs=letter_reward,
-        args=make_args(tmp_path, stage_one_steps=0),
+        args=make_args(tmp_path, stage_one_steps=0, num_attempts=num_attempts),
         train_dataset=Dataset.from_list(to_score_rows([SEED_ROW] * 4, source="mem")),
         processing_class=tokenizer,
     )
@@ -161,8 +163,8 @@ def test_trainer_uses_given_first_attempts_and_row_instructions(tmp_path, tiny_m
 
     trainer._generate_single_turn = counting
     batch = trainer._generate_and_score_completions(rows)
-    # Turn 1 sampled only the two rows without a given attempt; turn 2 sampled all four
-    assert sampled_sizes == [2, 4]
+    # Turn 1 sampled only the two rows without a given attempt; every later turn sampled all four
+    assert sampled_sizes == [2] + [4] * (num_attempts - 1)
     given_ids = tokenizer("Lyon", add_special_tokens=False)["input_ids"]
     for i in range(4):
         ids = batch["completion_ids"][i][batch["completion_mask"][i].bool()].tolist()
@@ -176,6 +178,11 @@ def test_trainer_uses_given_first_attempts_and_row_instructions(tmp_path, tiny_m
             y1 = ids[: turns.count(1)]
             assert ids[len(y1) : len(y1) + len(bridge.after(y1))] == bridge.after(y1)
             assert tokenizer.decode(bridge.instruction_ids).count("rewrite the complete program") == 1
+        if num_attempts == 3:  # the third attempt follows the second with the row's own instruction again
+            start = turns.index(2)
+            y2 = ids[start : start + turns.count(2)]
+            after = ids[start + len(y2) : start + len(y2) + len(bridge.after(y2))]
+            assert after == bridge.after(y2) and turns.count(3) > 0
     # Given rows are out of the turn-1 baseline: in the pair (0, 1) both are given, so both turn-1 advantages are 0
     assert batch["advantages"][:2, 0].tolist() == [0.0, 0.0]
     assert torch.isfinite(batch["advantages"]).all()

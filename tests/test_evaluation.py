@@ -13,6 +13,7 @@ import pytest
 
 from score_trl.evaluation import bootstrap_interval, edit_distance, summarize, wilson_interval
 from score_trl.launch_eval import cli
+from score_trl.report import markdown_table
 
 
 TESTS = Path(__file__).resolve().parent
@@ -46,6 +47,34 @@ def test_metrics_on_hand_built_transitions():
     assert s["no_edit"] == pytest.approx(1 / 5)
     assert s["mean_edit_distance"] == pytest.approx((1 + 1 + 1 + 0 + 1) / 5)
     assert s["delta_ci"][0] <= s["delta"] <= s["delta_ci"][1]
+
+
+def test_metrics_for_three_attempts_by_hand():
+    def rec(index, rewards, texts=("a", "b", "c")):
+        out = {"index": index, "sample": 0}
+        for t, (r, text) in enumerate(zip(rewards, texts, strict=True), start=1):
+            out |= {f"reward_{t}": r, f"attempt_{t}": text}
+        return out
+
+    records = [
+        rec(0, (0.0, 1.0, 1.0)),  # fixed at t2, kept
+        rec(1, (1.0, 0.0, 1.0)),  # broken at t2, fixed again at t3
+        rec(2, (1.0, 1.0, 0.0), ("a", "a", "b")),  # undone by the third attempt
+        rec(3, (0.0, 0.0, 0.0), ("a", "b", "b")),
+        rec(4, (0.0, None, 1.0)),  # unscorable
+    ]
+    s = summarize(records)
+    assert (s["n"], s["unscorable"], s["num_attempts"]) == (4, 1, 3)
+    assert [s[f"accuracy_t{t}"] for t in (1, 2, 3)] == pytest.approx([0.5, 0.5, 0.5])
+    # t1 -> t3: i->c row 0, c->i row 2
+    assert (s["incorrect_to_correct"], s["correct_to_incorrect"], s["delta"]) == pytest.approx((0.25, 0.25, 0.0))
+    pairs = {(p["from"], p["to"]): (p["incorrect_to_correct"], p["correct_to_incorrect"]) for p in s["transitions"]}
+    assert pairs == {(1, 2): pytest.approx((0.25, 0.25)), (2, 3): pytest.approx((0.25, 0.25))}
+    # last vs previous attempt: only row 3 repeats itself; edit distances 1, 1, 1, 0
+    assert s["no_edit"] == pytest.approx(0.25) and s["mean_edit_distance"] == pytest.approx(0.75)
+    table = markdown_table([s, summarize([record(0, 0.0, 1.0)])], ["K=3", "K=2"])
+    assert "| Accuracy@t3 | 50.0 [" in table and table.count("–") == 3  # the K=2 run: no t3, no (t2,t3) pair
+    assert "| Δi→c(t2,t3) | 25.0 | – |" in table
 
 
 def test_intervals_and_edit_distance():
@@ -94,6 +123,16 @@ def test_end_to_end_tiny_model_on_gsm8k_rows(tmp_path, tiny_model_dir):
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| metric | padded | paged |" in table and "| problems | 8 | 3 |" in table
     assert is_png(tmp_path / "cmp" / "comparison.png")
+
+    # Three attempts: every record has three, the report and a comparison with the two-attempt run show them
+    cli(eval_args(tiny_model_dir, data, tmp_path / "k3", "--num_attempts", "3", "--limit", "4"))
+    records = [json.loads(line) for line in (tmp_path / "k3" / "records.jsonl").read_text().splitlines()]
+    assert all(r["reward_3"] in (0.0, 1.0) and isinstance(r["attempt_3"], str) for r in records)
+    summary = json.loads((tmp_path / "k3" / "summary.json").read_text())
+    assert summary["num_attempts"] == 3 and len(summary["transitions"]) == 2
+    assert is_png(tmp_path / "k3" / "plot.png")
+    cli(["--compare", str(tmp_path / "run"), str(tmp_path / "k3"), "--output_dir", str(tmp_path / "cmp3")])
+    assert "| Accuracy@t3 | – |" in (tmp_path / "cmp3" / "comparison.md").read_text()
 
 
 @pytest.mark.slow

@@ -59,6 +59,11 @@ def test_unknown_recipe_key_fails(tmp_path):
 def test_command_line_overrides_the_recipe():
     script_args, training_args, _ = parse_args([str(ROOT / "recipes" / "demo_smollm2.yaml"), "--max_steps", "2"])
     assert training_args.max_steps == 2 and script_args.compare_before_after == 32
+    assert training_args.num_attempts == 2 and training_args.disable_dropout
+    _, training_args, _ = parse_args([str(ROOT / "recipes" / "demo_smollm2.yaml"), "--num_attempts", "3"])
+    assert training_args.num_attempts == 3
+    with pytest.raises(ValueError, match="num_attempts=1: SCoRe needs a first attempt and at least one correction"):
+        parse_args([str(ROOT / "recipes" / "demo_smollm2.yaml"), "--num_attempts", "1"])
 
 
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=[Path(c).name for c in ACCELERATE_CONFIGS])

@@ -127,3 +127,55 @@ def test_self_correction_stats_by_hand():
     assert s["delta"] == pytest.approx(s["incorrect_to_correct"] - s["correct_to_incorrect"])
     assert s["reward_delta"] == pytest.approx(1 / 5)
     assert all(math.isnan(v) for v in self_correction_stats(torch.full((2, 2), nan), 0.5).values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# K = 3 attempts, by hand
+
+# [r1, r2, r3] for one prompt x four first attempts
+REWARDS_3 = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+
+
+def test_three_attempts_stage_one():
+    targets = shaped_rewards(REWARDS_3, stage=1, alpha=10.0)
+    # attempt 1 trained by KL only; attempts 2 and 3 on their own reward
+    assert targets.tolist() == [[0, 1, 1], [0, 0, 1], [0, 0, 0], [0, 1, 0]]
+    adv = leave_one_out_advantages(targets, num_generations=4)
+    # r minus the mean of the other three; attempt 2: 1 - 1/3, 0 - 2/3, 0 - 2/3, 1 - 1/3;
+    # attempt 3: 1 - 1/3, 1 - 1/3, 0 - 2/3, 0 - 2/3
+    assert adv[:, 0].tolist() == [0, 0, 0, 0]
+    assert adv[:, 1].tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+    assert adv[:, 2].tolist() == pytest.approx([2 / 3, 2 / 3, -2 / 3, -2 / 3])
+    assert kl_coefficients(1, beta=0.01, beta2=0.1, num_attempts=3) == (0.1, 0.01, 0.01)
+
+
+def test_three_attempts_stage_two_bonus_on_each_correction():
+    targets = shaped_rewards(REWARDS_3, stage=2, alpha=10.0)
+    # attempt 2: r2 + 10 (r2 - r1) = 11, -10, 0, 1;  attempt 3: r3 + 10 (r3 - r2) = 1, 11, 0, -10
+    assert targets.tolist() == [[0, 11, 1], [1, -10, 11], [0, 0, 0], [1, 1, -10]]
+    adv = leave_one_out_advantages(targets, num_generations=4)
+    # attempt 1: r1 - mean of the others' r1 = 0 - 2/3, 1 - 1/3, 0 - 2/3, 1 - 1/3
+    assert adv[:, 0].tolist() == pytest.approx([-2 / 3, 2 / 3, -2 / 3, 2 / 3])
+    # attempt 2 (column sum 2): 11 - (-9)/3, -10 - 12/3, 0 - 2/3, 1 - 1/3
+    assert adv[:, 1].tolist() == pytest.approx([11 + 3, -10 - 4, 0 - 2 / 3, 1 - 1 / 3])
+    # attempt 3 (column sum 2): 1 - 1/3, 11 - (-9)/3, 0 - 2/3, -10 - 12/3
+    assert adv[:, 2].tolist() == pytest.approx([1 - 1 / 3, 11 + 3, 0 - 2 / 3, -10 - 4])
+    assert kl_coefficients(2, beta=0.01, beta2=0.1, num_attempts=3) == (0.01, 0.01, 0.01)
+
+
+def test_three_attempts_unscorable_middle_attempt():
+    targets = shaped_rewards(torch.tensor([[1.0, nan, 1.0]]), stage=2, alpha=10.0)
+    # the missing r2 makes attempt 2 and the bonus of attempt 3 unscorable
+    assert targets[0, 0] == 1.0 and math.isnan(targets[0, 1]) and math.isnan(targets[0, 2])
+
+
+def test_self_correction_stats_three_attempts():
+    s = self_correction_stats(REWARDS_3, threshold=0.5)
+    assert [s["accuracy_t1"], s["accuracy_t2"], s["accuracy_t3"]] == pytest.approx([0.5, 0.5, 0.5])
+    # t1 -> t3: rows 0 (i->c), 3 (c->i)
+    assert (s["incorrect_to_correct"], s["correct_to_incorrect"], s["delta"]) == pytest.approx((0.25, 0.25, 0.0))
+    # t1 -> t2: i->c row 0, c->i row 1; t2 -> t3: i->c row 1, c->i row 3
+    assert (s["incorrect_to_correct_t1_t2"], s["correct_to_incorrect_t1_t2"]) == pytest.approx((0.25, 0.25))
+    assert (s["incorrect_to_correct_t2_t3"], s["correct_to_incorrect_t2_t3"]) == pytest.approx((0.25, 0.25))
+    assert s["reward_delta"] == pytest.approx(0.0)
+    assert "incorrect_to_correct_t1_t2" not in self_correction_stats(REWARDS, threshold=0.5)

@@ -1,10 +1,7 @@
 import json
-import os
 import pickle
 import re
-import socket
 import threading
-import time
 
 import pytest
 
@@ -20,7 +17,6 @@ from score_trl.rewards import (
     normalize_text,
     reference_answer,
 )
-from score_trl.sandbox import network_isolation, run_python
 
 from conftest import SHARED_DATA
 
@@ -187,74 +183,6 @@ def test_mbpp_reference_solutions_pass_and_broken_ones_fail():
     assert code_execution_reward(reference, **columns) == [1.0] * len(rows)
     broken = [chat(re.sub(r"\breturn\b", "return None and ", r["code"])) for r in rows]  # every function returns None
     assert code_execution_reward(broken, **columns) == [0.0] * len(rows)
-
-
-def test_sandbox_stops_an_infinite_loop():
-    start = time.monotonic()
-    result = run_python("while True:\n    pass\n", timeout=2)
-    assert result.status == "timeout" and not result.passed
-    assert time.monotonic() - start < 10
-
-
-def test_sandbox_limits_memory():
-    result = run_python("block = bytearray(8 << 30)\n", memory_mb=512)
-    assert result.status == "failed" and "MemoryError" in result.output
-    assert run_python("x = 1\n").passed  # and the machine is fine afterwards
-
-
-def test_sandbox_blocks_shell_and_outside_writes(tmp_path):
-    marker = tmp_path / "shell_marker"
-    outside = tmp_path / "outside.txt"
-    program = (
-        "import os\n"
-        f"try:\n    os.system('touch {marker}')\nexcept PermissionError:\n    pass\n"
-        f"try:\n    open('{outside}', 'w').write('x')\nexcept PermissionError:\n    pass\n"
-        f"try:\n    os.remove('{tmp_path / 'keep.txt'}')\nexcept PermissionError:\n    pass\n"
-        "open('inside.txt', 'w').write('fine')\n"
-        "assert open('inside.txt').read() == 'fine'\n"
-    )
-    (tmp_path / "keep.txt").write_text("keep")
-    assert run_python(program).passed
-    assert not marker.exists() and not outside.exists() and (tmp_path / "keep.txt").exists()
-
-
-def test_sandbox_has_no_network():
-    # A real server on loopback; the sandboxed program tries the guarded socket API and the raw _socket module.
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
-    server.settimeout(0.2)
-    port = server.getsockname()[1]
-    program = (
-        "import socket, _socket\n"
-        "reached = False\n"
-        f"for connect in (lambda: socket.create_connection(('127.0.0.1', {port}), timeout=2),\n"
-        f"                lambda: _socket.socket().connect(('127.0.0.1', {port}))):\n"
-        "    try:\n        connect()\n        reached = True\n    except Exception:\n        pass\n"
-        "assert not reached\n"
-    )
-    result = run_python(program, timeout=10)
-    try:
-        connection, _ = server.accept()
-        connection.close()
-        accepted = True
-    except TimeoutError:
-        accepted = False
-    finally:
-        server.close()
-    assert result.passed, result.output
-    assert not accepted
-    if not network_isolation():
-        pytest.skip("no network namespace on this machine: the raw-socket case relied on the in-process guard only")
-
-
-def test_sandbox_sees_nothing_of_the_trainer():
-    os.environ["SCORE_TRL_SECRET"] = "do-not-leak"
-    try:
-        result = run_python("import os\nprint(sorted(os.environ))\nassert 'SCORE_TRL_SECRET' not in os.environ\n")
-    finally:
-        del os.environ["SCORE_TRL_SECRET"]
-    assert result.passed, result.output
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -55,14 +55,21 @@ def grouped_inputs(trainer, words=("cat", "green")):
     return [row for row in rows for _ in range(trainer.num_generations)]
 
 
-@pytest.mark.parametrize("continuous_batching", [False, True], ids=["generate", "continuous_batching"])
-def test_rollout_layout_keeps_sampled_first_attempt(tmp_path, tiny_model_dir, tokenizer, continuous_batching):
+@pytest.mark.parametrize(
+    "continuous_batching, num_attempts",
+    [(False, 2), (True, 2), (False, 3)],
+    ids=["generate", "continuous_batching", "three_attempts"],
+)
+def test_rollout_layout_keeps_sampled_first_attempt(
+    tmp_path, tiny_model_dir, tokenizer, continuous_batching, num_attempts
+):
     trainer = make_trainer(
         tmp_path,
         tiny_model_dir,
         tokenizer,
         max_completion_length=6,
         use_transformers_continuous_batching=continuous_batching,
+        num_attempts=num_attempts,
     )
     trainer.model.train()
     inputs = grouped_inputs(trainer)
@@ -71,17 +78,23 @@ def test_rollout_layout_keeps_sampled_first_attempt(tmp_path, tiny_model_dir, to
     generation_prompt = tokenizer.encode("<start_of_turn>model\n", add_special_tokens=False)
     for ids, mask, turns in zip(batch["completion_ids"], batch["completion_mask"], batch["turn_ids"], strict=True):
         ids, turns = ids[mask.bool()].tolist(), turns[mask.bool()].tolist()
-        y1_len = turns.count(1)
-        assert turns[:y1_len] == [1] * y1_len  # y1 first, then the injected turn, then y2
-        y1 = ids[:y1_len]
-        injected = bridge.after(y1)
-        assert ids[y1_len : y1_len + len(injected)] == injected
-        assert turns[y1_len : y1_len + len(injected)] == [0] * len(injected)
-        assert injected[-len(generation_prompt) :] == generation_prompt
-        assert turns[y1_len + len(injected) :] == [2] * (len(ids) - y1_len - len(injected))
+        start = 0
+        for t in range(1, num_attempts + 1):  # y1, injected turn, y2, injected turn, ..., yK
+            length = turns.count(t)
+            assert turns[start : start + length] == [t] * length
+            attempt = ids[start : start + length]
+            start += length
+            if t == num_attempts:
+                assert start == len(ids)
+                break
+            injected = bridge.after(attempt)
+            assert ids[start : start + len(injected)] == injected
+            assert turns[start : start + len(injected)] == [0] * len(injected)
+            assert injected[-len(generation_prompt) :] == generation_prompt
+            start += len(injected)
     # The table rows are aligned with what was scored: re-scoring each logged attempt gives the logged reward
     logs = trainer._attempt_logs
-    for t in (1, 2):
+    for t in range(1, num_attempts + 1):
         rescored = letter_reward([[{"content": text}] for text in logs[f"attempt_{t}"]])
         assert list(logs[f"reward_{t}"]) == pytest.approx(rescored)
 
@@ -125,13 +138,18 @@ def test_turn_two_logps_match_generation_logits(tmp_path, tiny_model_dir, tokeni
     input_ids = torch.cat([layout["prompt_ids"], layout["completion_ids"]], dim=1)
     attention_mask = torch.cat([layout["prompt_mask"], layout["completion_mask"]], dim=1)
     with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        # The trainer's pass projects only attempt tokens; RLOO's projects every completion position
+        logps, _, _ = trainer._turn_logps(model, input_ids, attention_mask, layout["turn_ids"] > 0)
+        rloo_logps, _, _ = trainer._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, layout["completion_ids"].size(1)
         )
     for i in range(len(prompts)):
         trained = logps[i][layout["turn_ids"][i] == 2]
         assert trained.numel() == len(y2[i])
         torch.testing.assert_close(trained, generation_logps[i, : len(y2[i])], atol=1e-5, rtol=0)
+    attempts = layout["turn_ids"] > 0
+    torch.testing.assert_close(logps[attempts], rloo_logps[attempts], atol=1e-6, rtol=0)
+    assert torch.all(logps[~attempts] == 0)  # injected turn and padding never reach the LM head
 
 
 def independent_loss(model, batch, temperature, epsilon):
@@ -145,9 +163,11 @@ def independent_loss(model, batch, temperature, epsilon):
     total = 0.0
     rows = input_ids.size(0)
     for i in range(rows):
-        for t in (1, 2):
+        for t in range(1, batch["kl_coef"].size(1) + 1):
             m = batch["turn_ids"][i] == t
-            ratio = torch.exp(logps[i][m].sum() - batch["old_logps"][i, t - 1])
+            # On-policy the trainer skips the sampling pass and uses the detached training log-probs: ratio 1
+            old = logps[i][m].sum().detach() if batch["old_logps"] is None else batch["old_logps"][i, t - 1]
+            ratio = torch.exp(logps[i][m].sum() - old)
             adv = batch["advantages"][i, t - 1]
             policy = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv)
             d = ref[i][m] - logps[i][m]
@@ -156,27 +176,44 @@ def independent_loss(model, batch, temperature, epsilon):
     return total / rows
 
 
-def test_advantages_kl_weights_and_loss_per_stage(tmp_path, tiny_model_dir, tokenizer):
+@pytest.mark.parametrize(
+    "on_policy, num_attempts",
+    [(True, 2), (False, 2), (True, 3), (False, 3)],
+    ids=["on_policy", "off_policy", "three_attempts_on_policy", "three_attempts_off_policy"],
+)
+def test_advantages_kl_weights_and_loss_per_stage(tmp_path, tiny_model_dir, tokenizer, on_policy, num_attempts):
     alpha, beta, beta2 = 10.0, 0.05, 0.3
-    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, alpha=alpha, beta=beta, beta2=beta2, stage_one_steps=1)
+    # steps_per_generation=2 with one micro-step per optimizer step reuses a generation batch across two optimizer
+    # steps: off-policy, so the sampling policy's log-probs get their own pass
+    schedule = dict(stage_one_steps=1) if on_policy else dict(stage_one_steps=2, steps_per_generation=2)
+    trainer = make_trainer(
+        tmp_path, tiny_model_dir, tokenizer, alpha=alpha, beta=beta, beta2=beta2, num_attempts=num_attempts, **schedule
+    )
     trainer.model.train()
     inputs = grouped_inputs(trainer)
     generator = torch.Generator().manual_seed(0)
-    for step, stage in ((0, 1), (1, 2)):
+    passes = []
+    turn_logps = trainer._turn_logps
+    trainer._turn_logps = lambda *args, **kwargs: passes.append(torch.is_grad_enabled()) or turn_logps(*args, **kwargs)
+    for step, stage in ((0, 1), (schedule["stage_one_steps"], 2)):
         trainer.state.global_step = step
+        passes.clear()
         batch = trainer._generate_and_score_completions(inputs)
-        expected_coef = [beta2, beta] if stage == 1 else [beta, beta]
+        # No-grad passes in the rollout: the reference, plus the sampling policy only when off-policy
+        assert passes == [False] * (1 if on_policy else 2)
+        assert (batch["old_logps"] is None) == on_policy
+        expected_coef = [beta2 if stage == 1 else beta] + [beta] * (num_attempts - 1)
         assert batch["kl_coef"].tolist() == [pytest.approx(expected_coef)] * 4
 
-        # Hand-computed leave-one-out advantages for groups of two from the logged rewards
-        r1 = torch.tensor(list(trainer._attempt_logs["reward_1"])[-4:])
-        r2 = torch.tensor(list(trainer._attempt_logs["reward_2"])[-4:])
+        # Hand-computed leave-one-out advantages for groups of two from the logged rewards: Stage I trains attempt
+        # t >= 2 on r_t, Stage II attempt 1 on r_1 and attempt t >= 2 on r_t + alpha (r_t - r_{t-1})
+        r = [torch.tensor(list(trainer._attempt_logs[f"reward_{t}"])[-4:]) for t in range(1, num_attempts + 1)]
         partner = torch.tensor([1, 0, 3, 2])
         if stage == 1:
-            expected = torch.stack([torch.zeros(4), r2 - r2[partner]], dim=1)
+            shaped = [torch.zeros(4)] + r[1:]
         else:
-            shaped = r2 + alpha * (r2 - r1)
-            expected = torch.stack([r1 - r1[partner], shaped - shaped[partner]], dim=1)
+            shaped = [r[0]] + [r[t] + alpha * (r[t] - r[t - 1]) for t in range(1, num_attempts)]
+        expected = torch.stack([x - x[partner] for x in shaped], dim=1)
         torch.testing.assert_close(batch["advantages"], expected, atol=1e-6, rtol=0)
 
         # Move the policy away from both the sampling policy and the reference, then compare the losses
@@ -245,8 +282,9 @@ def test_stage_one_then_two_training(tmp_path, tiny_model_dir, tokenizer, use_lo
         assert all(torch.equal(before[n], ref[n]) for n in ref)
 
 
-def test_resume_continues_in_the_same_stage_and_step(tmp_path, tiny_model_dir, tokenizer):
-    kwargs = dict(n=16, max_steps=4, stage_one_steps=2, save_strategy="steps", save_steps=1)
+@pytest.mark.parametrize("num_attempts", [2, 3], ids=["two_attempts", "three_attempts"])
+def test_resume_continues_in_the_same_stage_and_step(tmp_path, tiny_model_dir, tokenizer, num_attempts):
+    kwargs = dict(n=16, max_steps=4, stage_one_steps=2, save_strategy="steps", save_steps=1, num_attempts=num_attempts)
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, **kwargs)
     trainer.train()
     assert [h["stage"] for h in trainer.state.log_history if "loss" in h] == [1.0, 1.0, 2.0, 2.0]
@@ -279,7 +317,8 @@ def test_reward_logs_stay_per_turn(tmp_path, tiny_model_dir, tokenizer):
         assert log[f"mean_letters/turn{t}"] == pytest.approx(log[f"turn{t}/reward"], abs=1e-6)
 
 
-def test_truncation_mask_accumulation_iterations_and_eval(tmp_path, tiny_model_dir, tokenizer):
+@pytest.mark.parametrize("num_attempts", [2, 3], ids=["two_attempts", "three_attempts"])
+def test_truncation_mask_accumulation_iterations_and_eval(tmp_path, tiny_model_dir, tokenizer, num_attempts):
     trainer = SCoReTrainer(
         tiny_model_dir,
         reward_funcs=letter_reward,
@@ -296,6 +335,8 @@ def test_truncation_mask_accumulation_iterations_and_eval(tmp_path, tiny_model_d
             eval_strategy="steps",
             eval_steps=2,
             per_device_eval_batch_size=2,
+            num_attempts=num_attempts,
+            log_completions=True,
         ),
         train_dataset=toy_dataset(16),
         eval_dataset=toy_dataset(4),
@@ -303,17 +344,27 @@ def test_truncation_mask_accumulation_iterations_and_eval(tmp_path, tiny_model_d
     )
     # A truncated attempt stays in the context (attended) but leaves the loss; an attempt that ended on EOS stays
     eos = tokenizer.eos_token_id
-    layout = trainer._training_layout(
-        [[2, 9], [2, 9]], [[[10, 11, 12], [10, eos]], [[13, eos], [14, 15, 16]]], [[[7], [7]]]
-    )
-    # row 0: y1 = 10 11 12 (truncated) | 7 | y2 = 13 EOS;  row 1: y1 = 10 EOS | 7 | y2 = 14 15 16 (truncated)
-    assert layout["completion_mask"].tolist() == [[1] * 6, [1] * 6]
-    assert layout["turn_ids"].tolist() == [[0, 0, 0, 0, 2, 2], [1, 1, 0, 0, 0, 0]]
+    attempts = [[[10, 11, 12], [10, eos]], [[13, eos], [14, 15, 16]], [[17, 18, 19], [eos]]][:num_attempts]
+    layout = trainer._training_layout([[2, 9], [2, 9]], attempts, [[[7], [7]], [[8], [8]]][: num_attempts - 1])
+    # row 0: y1 = 10 11 12 (truncated) | 7 | y2 = 13 EOS (| 8 | y3 = 17 18 19, truncated)
+    # row 1: y1 = 10 EOS | 7 | y2 = 14 15 16 (truncated) (| 8 | y3 = EOS)
+    if num_attempts == 2:
+        assert layout["completion_mask"].tolist() == [[1] * 6, [1] * 6]
+        assert layout["turn_ids"].tolist() == [[0, 0, 0, 0, 2, 2], [1, 1, 0, 0, 0, 0]]
+    else:
+        assert layout["completion_mask"].tolist() == [[1] * 10, [1] * 8 + [0, 0]]
+        assert layout["turn_ids"].tolist() == [[0, 0, 0, 0, 2, 2, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 3, 0, 0]]
     trainer.train()
     history = trainer.state.log_history
     train_logs = [h for h in history if "loss" in h]
     assert [h["stage"] for h in train_logs] == [1.0, 1.0, 2.0, 2.0]
     eval_logs = [h for h in history if "eval_loss" in h]
     assert len(eval_logs) == 2 and all("eval_turn2/reward" in h and "eval_stage" in h for h in eval_logs)
-    for key in ("accuracy_t1", "accuracy_t2", "delta", "incorrect_to_correct", "correct_to_incorrect"):
-        assert all(f"eval_self_correction/{key}" in h for h in eval_logs)
+    keys = [f"accuracy_t{t}" for t in range(1, num_attempts + 1)] + ["delta", "incorrect_to_correct"]
+    keys += ["correct_to_incorrect_t2_t3", f"eval_turn{num_attempts}/reward"] if num_attempts == 3 else []
+    for key in keys:
+        assert all((key if key.startswith("eval_") else f"eval_self_correction/{key}") in h for h in eval_logs), key
+    # The completions table shows every attempt with its reward and advantage
+    assert {f"{c}_{t}" for c in ("attempt", "reward", "advantage") for t in range(1, num_attempts + 1)} <= set(
+        trainer._attempt_logs
+    )

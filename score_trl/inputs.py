@@ -1,0 +1,66 @@
+"""Checks on what a user hands the trainer, run before any model loads: each failure names the input and the fix."""
+
+import itertools
+
+from datasets import Dataset, IterableDataset
+from jinja2 import TemplateError
+
+
+def named_eval_datasets(eval_dataset):
+    if eval_dataset is None:
+        return []
+    if isinstance(eval_dataset, dict):
+        return [(f"eval_dataset[{key!r}]", ds) for key, ds in eval_dataset.items()]
+    return [("eval_dataset", eval_dataset)]
+
+
+def first_rows(dataset, count: int) -> list[dict]:
+    """Up to `count` leading rows; an IterableDataset is read only as far as that."""
+    if isinstance(dataset, Dataset):
+        return [dataset[i] for i in range(min(count, len(dataset)))]
+    if isinstance(dataset, IterableDataset):
+        return list(itertools.islice(iter(dataset), count))
+    return []
+
+
+def check_dataset(dataset, name: str, prompts_per_generation: int | None = None) -> list[dict]:
+    """Fail early on a dataset SCoRe cannot roll out; returns its first rows (map-style or iterable)."""
+    if dataset is None:
+        return []
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and "prompt" not in columns:
+        raise ValueError(
+            f"{name} has no 'prompt' column (columns: {columns}). Map each row to a conversational prompt, e.g. "
+            "`dataset.map(lambda x: {'prompt': [{'role': 'user', 'content': x['question']}]})`."
+        )
+    if prompts_per_generation and isinstance(dataset, Dataset) and len(dataset) < prompts_per_generation:
+        raise ValueError(
+            f"{name} has {len(dataset)} rows, but one generation batch takes {prompts_per_generation} distinct "
+            "prompts (per_device_train_batch_size x processes x steps_per_generation / num_generations). Add rows, "
+            "or lower per_device_train_batch_size or steps_per_generation (or raise num_generations)."
+        )
+    rows = first_rows(dataset, 2)
+    if rows and "prompt" not in rows[0]:
+        raise ValueError(f"{name} row 1 has no 'prompt' (keys: {sorted(rows[0])}). Give each row a chat prompt.")
+    for number, row in enumerate(rows, start=1):
+        prompt = row["prompt"]
+        if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m for m in prompt):
+            raise ValueError(
+                f"{name} row {number}: 'prompt' must be conversational (a list of {{'role', 'content'}} messages), "
+                f"got {type(prompt).__name__}. SCoRe appends the correction as a chat turn, so it needs the chat "
+                "structure."
+            )
+    return rows
+
+
+def check_renders(tokenizer, prompt, chat_template_kwargs):
+    try:
+        tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **chat_template_kwargs)
+    except TemplateError as err:
+        hint = ""
+        if any(m["role"] == "system" for m in prompt):
+            hint = (
+                " The prompt has a system message and this template rejects the system role (as Gemma's does): fold "
+                "the system text into the first user turn."
+            )
+        raise ValueError(f"train_dataset row 1: the chat template cannot render the prompt: {err}.{hint}") from err

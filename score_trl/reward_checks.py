@@ -1,0 +1,124 @@
+"""Reward functions that fail loudly: a dry run before training, value checks, and errors that name the culprit.
+
+A reward function with a wrong signature or a missing column otherwise fails only after the first generation batch
+(minutes in), and one that returns NaN or None everywhere trains nothing while the run exits 0.
+"""
+
+import inspect
+import math
+
+from torch import nn
+from transformers import TrainerState
+from trl.trainer.utils import is_async_callable
+
+
+# Arguments TRL passes to every reward function besides the dataset's columns
+TRL_REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+
+
+class RewardError(RuntimeError):
+    """A reward function failed or returned a value training cannot use."""
+
+
+def is_plain_reward(func) -> bool:
+    """A synchronous callable (not a reward model given as a module or a hub id, not an async function)."""
+    return callable(func) and not isinstance(func, nn.Module) and not is_async_callable(func)
+
+
+class CheckedReward:
+    """A reward function whose every returned value is checked: a number or None, finite, one per completion."""
+
+    def __init__(self, func, name: str):
+        self.func, self.__name__ = func, name
+
+    def __call__(self, *args, **kwargs):
+        values = self.func(*args, **kwargs)
+        expected = len(kwargs.get("completions", args[0] if args else []))
+        check_values(self.__name__, values, expected)
+        return values
+
+
+def check_values(name: str, values, expected: int):
+    if not isinstance(values, list | tuple) or len(values) != expected:
+        got = f"{len(values)} values" if isinstance(values, list | tuple) else type(values).__name__
+        raise RewardError(f"reward function {name!r} returned {got}; expected a list of {expected}, one per row.")
+    for row, value in enumerate(values, start=1):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise RewardError(
+                f"reward function {name!r} returned {value!r} for row {row}: rewards must be finite numbers, or None "
+                "for a row that cannot be scored (it is then left out of the baseline)."
+            )
+
+
+def missing_arguments(func, columns) -> list[str]:
+    """Parameters `func` requires that neither TRL nor the dataset's `columns` provide."""
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    required = [
+        p.name
+        for p in parameters
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    return [name for name in required if name not in TRL_REWARD_ARGUMENTS and name not in columns]
+
+
+def reward_call(rows: list[dict], completions: list[str], state: TrainerState | None = None) -> dict:
+    """The keyword arguments RLOOTrainer passes to a reward function for these rows and completion texts."""
+    columns = [key for key in rows[0] if key not in ("prompt", "completion", "completion_ids")]
+    return {
+        "prompts": [row["prompt"] for row in rows],
+        "completions": [[{"role": "assistant", "content": text}] for text in completions],
+        "completion_ids": [[] for _ in rows],
+        **{key: [row.get(key) for row in rows] for key in columns},
+        "trainer_state": state or TrainerState(),
+        "log_extra": lambda *args, **kwargs: None,
+        "log_metric": lambda *args, **kwargs: None,
+    }
+
+
+def dry_run(funcs, names, rows: list[dict], dataset_name: str = "train_dataset"):
+    """Call every plain reward function on `rows` with an empty placeholder completion, before any model loads.
+
+    Raises ValueError naming the function, the columns it lacks and the fix, or the error it raised.
+    """
+    if not rows:
+        return
+    columns = [key for key in rows[0] if key != "prompt"]
+    for func, name in zip(funcs, names, strict=True):
+        if not is_plain_reward(func):
+            continue
+        missing = missing_arguments(func, columns)
+        if missing:
+            raise ValueError(
+                f"reward function {name!r} needs {missing}, which {dataset_name} does not have as columns (columns: "
+                f"{columns}). Add or rename the columns (dataset.rename_column(old, new)) or give the parameters "
+                "defaults."
+            )
+        try:
+            CheckedReward(func, name)(**reward_call(rows, [""] * len(rows)))
+        except Exception as err:
+            raise ValueError(
+                f"reward function {name!r} failed before training, called on {dataset_name} rows 1-{len(rows)} with "
+                f"an empty placeholder completion: {type(err).__name__}: {err}"
+            ) from err
+
+
+def explain_failure(funcs, names, rows: list[dict], completions: list[str], attempt: int, state) -> str:
+    """Which function fails on which row: each plain reward is called again row by row."""
+    for func, name in zip(funcs, names, strict=True):
+        if not is_plain_reward(func):
+            continue
+        for index, (row, text) in enumerate(zip(rows, completions, strict=True)):
+            try:
+                CheckedReward(func, name)(**reward_call([row], [text], state))
+            except Exception as err:
+                prompt = row["prompt"][-1]["content"] if isinstance(row["prompt"], list) else row["prompt"]
+                return (
+                    f"reward function {name!r} failed on attempt {attempt}, row {index + 1} of this batch (prompt "
+                    f"{prompt[:80]!r}, completion {text[:80]!r}): {type(err).__name__}: {err}"
+                )
+    return f"a reward function failed on attempt {attempt} (no single row reproduces it alone)"
