@@ -5,10 +5,11 @@ Both arms train the same model (LoRA), on the same prompts, batch and sampling s
 runs to full length (EOS is suppressed with `min_new_tokens`), so both generate exactly as many tokens. The arms are
 alternated round by round in one process; the first `warmup` rounds are not measured. Prints a table (min/median step
 time, generated tokens/s, peak memory), a per-phase breakdown, and a last line `ratio SCoRe/RLOO: X` (median step
-times). Peak memory is the process RSS on CPU (sampled every 5 ms, with glibc told to return freed tensors to the
-system at once, so that RSS follows live memory rather than the allocator's high-water mark) and
-`torch.cuda.max_memory_allocated` on GPU. Both arms' models stay loaded throughout, so the step's own working memory
-is also given: the peak minus the memory in use just before the step.
+times). Peak memory is `torch.cuda.max_memory_allocated` on GPU and the process RSS on CPU, sampled every 5 ms.
+On CPU, glibc keeps freed memory for reuse, so RSS is the process's high-water mark over both arms: for one arm's
+memory run it alone (`--arms SCoRe`) with `--exact_memory`, which makes glibc return freed memory at once so that RSS
+follows live memory, and also reports the step's own working memory (its peak minus the memory in use before it).
+`--exact_memory` slows steps that allocate large temporaries, unevenly between arms: take timings without it.
 
     score-benchmark                                  # CPU: SmolLM2-135M-Instruct, 8 rows, 128 tokens per attempt
     score-benchmark --model gemma2-2b --load_in_4bit # GPU: gemma-2-2b architecture, random weights, nf4 + LoRA r=32
@@ -304,7 +305,7 @@ def make_trainers(args, model_path, tokenizer, recorder, workdir):
     return trainers
 
 
-def summarize(recorder: Recorder, arms: list[str], cuda: bool) -> dict:
+def summarize(recorder: Recorder, arms: list[str], cuda: bool, exact_memory: bool = True) -> dict:
     result = {"arms": {}, "phases": {}}
     for arm in arms:
         times, tokens = recorder.step_times[arm], recorder.tokens[arm]
@@ -315,7 +316,7 @@ def summarize(recorder: Recorder, arms: list[str], cuda: bool) -> dict:
             "generated_tokens_per_step": statistics.median(tokens),
             "tokens_per_s": statistics.median(tokens) / statistics.median(times),
             "peak_memory_gib": max(peaks) / 2**30 if peaks else float("nan"),
-            "step_memory_gib": max(recorder.above_idle[arm]) / 2**30,
+            "step_memory_gib": max(recorder.above_idle[arm]) / 2**30 if exact_memory else None,
             "steps": times,
         }
     phases = sorted({p for (_, p) in recorder.phase_times})
@@ -343,7 +344,9 @@ def format_table(result: dict, arms: list[str]) -> str:
         a = result["arms"][arm]
         lines.append(
             f"| {arm} | {a['step_min_s']:.2f} | {a['step_median_s']:.2f} | {a['generated_tokens_per_step']:.0f} | "
-            f"{a['tokens_per_s']:.1f} | {a['peak_memory_gib']:.2f} | {a['step_memory_gib']:.2f} |"
+            f"{a['tokens_per_s']:.1f} | {a['peak_memory_gib']:.2f} | "
+            + ("–" if a["step_memory_gib"] is None else f"{a['step_memory_gib']:.2f}")
+            + " |"
         )
     lines += ["", "| phase (median s per step, peak GiB) | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for phase, per_arm in result["phases"].items():
@@ -369,6 +372,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
     parser.add_argument("--logprob_batch_size", type=int, default=None)
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument(
+        "--exact_memory", action="store_true", help="CPU: RSS follows live memory (for memory figures, not timings)"
+    )
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even when a GPU is present")
     parser.add_argument("--arms", nargs="+", default=["SCoRe", "RLOO"], choices=["SCoRe", "RLOO"])
     parser.add_argument("--output_json", default=None, help="also write the figures to this file")
@@ -382,7 +388,7 @@ def parse_args(argv=None):
 
 def return_freed_memory():
     """glibc keeps freed blocks for reuse, so RSS would show the high-water mark of every earlier step: serve large
-    allocations from mmap (returned on free) and trim the heap eagerly."""
+    allocations from mmap (returned on free) and trim the heap eagerly. Costs page faults on every large allocation."""
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6")
@@ -397,7 +403,8 @@ def run(args) -> dict:
     cuda = torch.cuda.is_available() and not args.cpu
     if not cuda:
         set_cpu_threads(args.threads)
-        return_freed_memory()
+        if args.exact_memory:
+            return_freed_memory()
     recorder = Recorder(cuda)
     with tempfile.TemporaryDirectory(prefix="score_bench_") as tmp:
         workdir = Path(tmp)
@@ -408,7 +415,7 @@ def run(args) -> dict:
             for arm in order:
                 recorder.step(arm, round_ >= args.warmup, trainers[arm].train)
     recorder.close()
-    result = summarize(recorder, args.arms, cuda)
+    result = summarize(recorder, args.arms, cuda, exact_memory=cuda or args.exact_memory)
     result["settings"] = {k: v for k, v in vars(args).items() if k != "output_json"}
     result["threads"] = None if cuda else torch.get_num_threads()
     result["device"] = torch.cuda.get_device_name() if cuda else "cpu"

@@ -44,20 +44,23 @@ class SCoReTrainer(RLOOTrainer):
     Learning](https://huggingface.co/papers/2409.12917) (Kumar et al., 2024).
 
     Each prompt x gets `num_generations` first attempts y1; each y1 is followed by the correction instruction as a user
-    turn and one second attempt y2. A verifier (any TRL reward function) scores both attempts. See [`SCoReConfig`] for
-    the two stages and how the KL enters.
+    turn and one second attempt y2 (and so on, up to `num_attempts`). A verifier (any TRL reward function) scores every
+    attempt. See [`SCoReConfig`] for the two stages and how the KL enters.
 
     Takes the same arguments as [`~trl.RLOOTrainer`], with `args` a [`SCoReConfig`]. Prompts must be conversational
     (`[{"role": "user", "content": ...}]`) and the tokenizer must have a chat template and a pad token. Text only.
+    Inputs and reward functions are checked before the model loads (`score_trl.inputs`, `score_trl.reward_checks`).
 
     Hooks overridden, and why:
     - `_generate_and_score_completions`: the rollout is a loop over attempts. Each attempt is generated with RLOO's
       `_generate_single_turn` (HF generate, transformers continuous batching, vLLM colocate and server), the correction
       turn is appended as token ids (see `score_trl.turns`), rewards are computed per attempt with RLOO's
-      `_calculate_rewards`, and advantages per turn. Returns one row per first attempt: x | y1 + instruction + y2.
+      `_calculate_rewards`, and advantages per turn. Returns one row per first attempt: x | y1 + instruction + y2 ...
+      The sampling policy's log-probs get their own no-grad pass only when training is off-policy.
     - `_compute_loss`: RLOO's clipped sequence-level objective applied to each turn's tokens with its own advantage,
-      plus the per-turn KL term; the injected instruction tokens are attended to but carry no loss and no KL.
-    - `log`: the completions table shows both attempts, both rewards and both advantages.
+      plus the per-turn KL term; the injected instruction tokens are attended to but carry no loss and no KL. Log-probs
+      come from `_turn_logps`, which projects only attempt tokens through the LM head (`score_trl.logprobs`).
+    - `log`: the completions table shows every attempt with its reward and advantage.
 
     Everything else (reference model, PEFT adapter disabling, samplers, buffering across `steps_per_generation` and
     `num_iterations`, checkpointing, metric reduction) is RLOO's. The stage is a function of `state.global_step`, so

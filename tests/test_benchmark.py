@@ -25,11 +25,13 @@ def check(result, rows, tokens):
 def test_benchmark_on_a_local_model(tmp_path, tiny_model_dir, capsys):
     output = tmp_path / "bench.json"
     cli(["--model", tiny_model_dir, "--rows", "4", "--num_generations", "2", "--tokens", "4", "--steps", "2",
-         "--warmup", "1", "--lora_r", "4", "--output_json", str(output)])  # fmt: skip
+         "--warmup", "1", "--lora_r", "4", "--exact_memory", "--output_json", str(output)])  # fmt: skip
     printed = capsys.readouterr().out
     assert printed.strip().splitlines()[-1].startswith("ratio SCoRe/RLOO: ")
     assert "| SCoRe |" in printed and "| RLOO |" in printed and "| generate attempt 2 |" in printed
-    check(json.loads(output.read_text()), rows=4, tokens=4)
+    result = json.loads(output.read_text())
+    check(result, rows=4, tokens=4)
+    assert all(result["arms"][arm]["step_memory_gib"] > 0 for arm in ("SCoRe", "RLOO"))  # RSS follows live memory
 
 
 @pytest.mark.real_model
@@ -38,4 +40,6 @@ def test_gpu_mode_runs_on_cpu_in_its_smallest_configuration(tmp_path):
     output = tmp_path / "bench.json"
     cli(["--model", "gemma2-2b", "--tiny", "--rows", "4", "--num_generations", "2", "--tokens", "4", "--steps", "2",
          "--warmup", "0", "--lora_r", "4", "--output_json", str(output)])  # fmt: skip
-    check(json.loads(output.read_text()), rows=4, tokens=4)
+    result = json.loads(output.read_text())
+    check(result, rows=4, tokens=4)
+    assert result["arms"]["SCoRe"]["step_memory_gib"] is None  # RSS is a high-water mark without --exact_memory

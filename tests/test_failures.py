@@ -12,31 +12,14 @@ from score_trl import SCoReConfig, SCoReTrainer
 from score_trl.reward_checks import RewardError, explain_failure
 
 from conftest import toy_dataset, word_reward
-
-
-def args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "run"),
-        use_cpu=True,
-        report_to="none",
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=6,
-        max_steps=2,
-        stage_one_steps=1,
-        save_strategy="no",
-        logging_steps=1,
-        learning_rate=1e-3,
-        seed=0,
-    )
-    return SCoReConfig(**{**defaults, **kwargs})
+from test_trainer import make_args
 
 
 def build(tmp_path, model, tokenizer, reward=word_reward, dataset=None, **kwargs):
     return SCoReTrainer(
         model,
         reward_funcs=reward,
-        args=args(tmp_path, **kwargs),
+        args=make_args(tmp_path, **{"max_completion_length": 6, **kwargs}),
         train_dataset=dataset if dataset is not None else toy_dataset(8),
         processing_class=tokenizer,
     )
