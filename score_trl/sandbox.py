@@ -54,7 +54,8 @@ class SandboxResult:
 
 def _interpreter() -> tuple[str, list[str]]:
     """The Python the sandbox runs, and the extra read-only binds it needs. The system's `/usr/bin/python3` lies
-    inside the read-only `/usr` view; otherwise this interpreter's installation is bound read-only."""
+    inside the read-only `/usr` view; otherwise this interpreter's installation is bound read-only (it must then be
+    readable by other users: a root trainer's programs run under an unprivileged user id)."""
     if os.path.exists("/usr/bin/python3"):
         return "/usr/bin/python3", []
     prefix = os.path.realpath(sys.base_prefix)
