@@ -24,6 +24,4 @@ def self_correction_stats(rewards: torch.Tensor, threshold: float) -> dict[str, 
         stats[f"incorrect_to_correct{suffix}"] = (~correct[:, a] & correct[:, b]).double().mean().item()
         stats[f"correct_to_incorrect{suffix}"] = (correct[:, a] & ~correct[:, b]).double().mean().item()
     stats["reward_delta"] = (r[:, -1] - r[:, 0]).mean().item()
-    if r.size(0) == 0:
-        return dict.fromkeys(stats, float("nan"))
-    return stats
+    return stats  # the mean of no rows is NaN, so every value is NaN when no row is scorable

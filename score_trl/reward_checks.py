@@ -6,6 +6,7 @@ A reward function with a wrong signature or a missing column otherwise fails onl
 
 import inspect
 import math
+import numbers
 
 from torch import nn
 from transformers import TrainerState
@@ -45,7 +46,8 @@ def check_values(name: str, values, expected: int):
     for row, value in enumerate(values, start=1):
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        # numbers.Real covers NumPy scalars too, which RLOO accepts
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise RewardError(
                 f"reward function {name!r} returned {value!r} for row {row}: rewards must be finite numbers, or None "
                 "for a row that cannot be scored (it is then left out of the baseline)."
