@@ -20,12 +20,17 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 		|| echo "warning: bubblewrap is missing; code rewards will refuse to run (see README, Data and rewards)"
 	touch $@
 
-.PHONY: install demo test
+.PHONY: install demo test reproduce
 install: $(VENV)/.installed
 
 # SCoRe on SmolLM2-135M-Instruct (CPU, offline): accuracy of first and second attempts before and after training
 demo: install
 	$(LAUNCH) scripts/train_score.py recipes/demo_smollm2.yaml
+
+# The self-correction result and its ablations on generated arithmetic (CPU, ~2 hours; docs/results). One arm:
+# make reproduce ARMS=score (several: ARMS="score rloo")
+reproduce: install
+	$(PY) scripts/reproduce.py recipes/reproduce_smollm2.yaml $(if $(ARMS),--arms $(ARMS))
 
 test: install
 	$(PY) -m pytest -q

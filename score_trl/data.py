@@ -41,10 +41,18 @@ SHORT_ANSWER_CORRECTION_INSTRUCTION = (
     "in one short sentence."
 )
 
+ARITHMETIC_PROMPT = "Answer the question. End your answer with the result as a number.\n\nQuestion: {question}"
+ARITHMETIC_CORRECTION_INSTRUCTION = (
+    "There might be an error in the answer above. Please check the calculation, correct it if needed, and end your "
+    "answer with the result as a number."
+)
+
 TASKS = {
     "math": Task(MATH_PROMPT, MATH_CORRECTION_INSTRUCTION, "math"),
     "code": Task(CODE_PROMPT, CODE_CORRECTION_INSTRUCTION, "code"),
     "short_answer": Task(SHORT_ANSWER_PROMPT, SHORT_ANSWER_CORRECTION_INSTRUCTION, "exact_match"),
+    # score_trl.arithmetic's generated problems (question, answer): the reproduction's task
+    "arithmetic": Task(ARITHMETIC_PROMPT, ARITHMETIC_CORRECTION_INSTRUCTION, "numeric"),
 }
 
 # Source format -> (required columns, optional columns kept for the reward, task)

@@ -36,7 +36,9 @@ class ScoreScriptArguments:
     )
     task: str | None = field(
         default=None,
-        metadata={"help": "math, code or short_answer: prompt, correction instruction and default reward."},
+        metadata={
+            "help": "math, code, short_answer or arithmetic: prompt, correction instruction and default reward."
+        },
     )
     question_column: str | None = field(default=None, metadata={"help": "Question column of generic data."})
     answer_column: str | None = field(default=None, metadata={"help": "Answer column of generic data."})
@@ -53,7 +55,8 @@ class ScoreScriptArguments:
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Reward names (math, exact_match, code) or dotted paths to functions; the task's reward if unset."
+            "help": "Reward names (math, exact_match, numeric, code) or dotted paths to functions; the task's "
+            "reward if unset."
         },
     )
     gguf_file: str | None = field(

@@ -37,7 +37,9 @@ class EvalArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     split: str | None = field(default=None, metadata={"help": "Hub split (benchmark's default: test)."})
     dataset_format: str | None = field(default=None, metadata={"help": "gsm8k, math, mbpp, humaneval or score."})
-    task: str | None = field(default=None, metadata={"help": "math, code or short_answer (from the format if unset)."})
+    task: str | None = field(
+        default=None, metadata={"help": "math, code, short_answer or arithmetic (from the format if unset)."}
+    )
     question_column: str | None = field(default=None, metadata={"help": "Question column of generic data."})
     answer_column: str | None = field(default=None, metadata={"help": "Answer column of generic data."})
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt (folded in for Gemma)."})

@@ -188,6 +188,26 @@ def exact_match_reward(completions, correct_answer=None, answer=None, log_extra=
     ]
 
 
+def last_number(text: str) -> str | None:
+    """The last number written in the text, canonical as in `normalize_text` (1,000 -> 1000, 5.0 -> 5)."""
+    numbers = normalize_text(text).split()
+    numbers = [token for token in numbers if _NUMBER.fullmatch(token)]
+    return numbers[-1] if numbers else None
+
+
+def numeric_reward(completions, answer=None, correct_answer=None, log_extra=None, **kwargs):
+    """1.0 when the last number in the completion equals the reference number, else 0.0; None without a reference.
+    Stricter than `exact_match`: a completion that lists candidates ("12, 13 or 14") scores only its last one."""
+    references = answer if answer is not None else correct_answer if correct_answer is not None else None
+    references = references if references is not None else [None] * len(completions)
+    golds = [None if r is None or not str(r).strip() else last_number(str(r)) for r in references]
+    predictions = [last_number(_text(c)) for c in completions]
+    if log_extra is not None:
+        log_extra("gold", [str(g) for g in golds])
+        log_extra("predicted", [str(p) for p in predictions])
+    return [None if g is None else float(p == g) for g, p in zip(golds, predictions, strict=True)]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Code: run the program against its tests in the sandbox
 
@@ -256,6 +276,7 @@ def code_execution_reward(
 REWARD_FUNCS = {
     "math": math_answer_reward,
     "exact_match": exact_match_reward,
+    "numeric": numeric_reward,
     "code": code_execution_reward,
 }
 

@@ -1,6 +1,6 @@
 """Time the code reward (and so the sandbox) on MBPP's reference solutions; prints one JSON line.
 
-    python scripts/sandbox_throughput.py ../shared/data/mbpp/mbpp.jsonl
+python scripts/sandbox_throughput.py ../shared/data/mbpp/mbpp.jsonl
 """
 
 import json

@@ -1,0 +1,10 @@
+"""The self-correction result and its ablations (see score_trl/reproduce.py):
+
+python scripts/reproduce.py recipes/reproduce_smollm2.yaml [--arms score rloo] [--flag value ...]
+"""
+
+from score_trl.reproduce import cli
+
+
+if __name__ == "__main__":
+    cli()
