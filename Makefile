@@ -30,7 +30,7 @@ demo: install
 # The self-correction result and its ablations on generated arithmetic (CPU, ~2 hours; docs/results). One arm:
 # make reproduce ARMS=score (several: ARMS="score rloo")
 reproduce: install
-	$(PY) scripts/reproduce.py recipes/reproduce_smollm2.yaml $(if $(ARMS),--arms $(ARMS))
+	$(PY) scripts/reproduce.py recipes/reproduce/smollm2_cpu.yaml $(if $(ARMS),--arms $(ARMS))
 
 test: install
 	$(PY) -m pytest -q

@@ -6,6 +6,17 @@ from datasets import Dataset, IterableDataset
 from jinja2 import TemplateError
 
 
+# Columns the trainer itself reads: kept by `remove_unused_columns=True`, which drops every other column
+TRAINER_COLUMNS = ("prompt", "correction_instruction", "first_attempt")
+
+
+def surviving_columns(rows: list[dict], remove_unused_columns: bool) -> list[dict]:
+    """The rows as the trainer will see them: only TRAINER_COLUMNS when `remove_unused_columns` is set."""
+    if not remove_unused_columns:
+        return rows
+    return [{key: value for key, value in row.items() if key in TRAINER_COLUMNS} for row in rows]
+
+
 def named_eval_datasets(eval_dataset):
     if eval_dataset is None:
         return []

@@ -1,6 +1,6 @@
 """`make reproduce` / `scripts/reproduce.py`: the self-correction result and the paper's ablations, end to end.
 
-    python scripts/reproduce.py recipes/reproduce_smollm2.yaml [--arms score rloo] [--flag value ...]
+    python scripts/reproduce.py recipes/reproduce/smollm2_cpu.yaml [--arms score rloo] [--flag value ...]
 
 On generated arithmetic (`score_trl.arithmetic`, seeded, disjoint splits) every arm starts from the same model, sees
 the same prompts in the same order with the same seed and the same sample budget (rollouts × tokens per step, number
@@ -31,7 +31,7 @@ ARMS = ("base", "rloo", "score_no_stage1", "score", "score_alpha0")
 
 @dataclass
 class ReproduceArguments:
-    """Settings shared by every arm; the recipes set them (recipes/reproduce_*.yaml)."""
+    """Settings shared by every arm; the recipes set them (recipes/reproduce/*.yaml)."""
 
     arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": f"Arms to run, of {ARMS}."})
     output_dir: str = field(default="docs/results", metadata={"help": "Where tables, curves and records go."})
@@ -158,6 +158,7 @@ def train_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, train_da
 
 def run_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, data: dict) -> dict:
     """Train (unless base) and evaluate one arm; writes its files and returns its summary."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from .evaluation import evaluate
@@ -170,7 +171,9 @@ def run_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, data: dict
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if arm == "base":
-        model, log_history = AutoModelForCausalLM.from_pretrained(path), []
+        gpu = not args.use_cpu and torch.cuda.is_available()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if gpu else torch.float32)
+        model, log_history = model.to("cuda" if gpu else "cpu"), []
     else:
         trainer = train_arm(arm, args, path, tokenizer, data["train"], numeric_reward)
         model, log_history = trainer.model, trainer.state.log_history

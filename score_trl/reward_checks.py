@@ -82,7 +82,7 @@ def reward_call(rows: list[dict], completions: list[str], state: TrainerState | 
     }
 
 
-def dry_run(funcs, names, rows: list[dict], dataset_name: str = "train_dataset"):
+def dry_run(funcs, names, rows: list[dict], dataset_name: str = "train_dataset", note: str = ""):
     """Call every plain reward function on `rows` with an empty placeholder completion, before any model loads.
 
     Raises ValueError naming the function, the columns it lacks and the fix, or the error it raised.
@@ -98,14 +98,14 @@ def dry_run(funcs, names, rows: list[dict], dataset_name: str = "train_dataset")
             raise ValueError(
                 f"reward function {name!r} needs {missing}, which {dataset_name} does not have as columns (columns: "
                 f"{columns}). Add or rename the columns (dataset.rename_column(old, new)) or give the parameters "
-                "defaults."
+                f"defaults.{note}"
             )
         try:
             CheckedReward(func, name)(**reward_call(rows, [""] * len(rows)))
         except Exception as err:
             raise ValueError(
                 f"reward function {name!r} failed before training, called on {dataset_name} rows 1-{len(rows)} with "
-                f"an empty placeholder completion: {type(err).__name__}: {err}"
+                f"an empty placeholder completion: {type(err).__name__}: {err}.{note}"
             ) from err
 
 

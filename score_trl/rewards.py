@@ -78,15 +78,17 @@ def extract_answer(text: str) -> str | None:
 
 def reference_answer(answer: str | None = None, solution: str | None = None) -> str | None:
     """Gold answer from, in order: an `answer` column (GSM8K's "#### X" line or a `\\boxed{}` inside it, else the
-    whole value), the last `\\boxed{}` of a `solution`."""
+    whole value), a `solution` column (its last `\\boxed{}`, else a GSM8K-style "#### X" worked answer)."""
     if answer is not None and str(answer).strip():
         answer = str(answer)
         if "####" in answer or "\\boxed" in answer or "\\fbox" in answer:
             return extract_answer(answer)
         return _clean(answer) or None
     if solution:
-        boxed = last_boxed(solution)
-        return _clean(boxed) if boxed else None
+        boxed = last_boxed(str(solution))
+        if boxed:
+            return _clean(boxed) or None
+        return extract_answer(str(solution)) if "####" in str(solution) else None
     return None
 
 

@@ -12,12 +12,12 @@ from transformers.utils import is_rich_available
 from trl import RLOOTrainer
 from trl.extras.profiling import profiling_decorator
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id, nanmax, nanstd, pad, print_prompt_completions_sample, use_adapter
+from trl.trainer.utils import get_config_model_id, nanstd, pad, print_prompt_completions_sample, use_adapter
 
 from .config import MATH_CORRECTION_INSTRUCTION, SCoReConfig
-from .inputs import check_dataset, check_renders, named_eval_datasets
+from .inputs import TRAINER_COLUMNS, check_dataset, check_renders, named_eval_datasets, surviving_columns
 from .logprobs import per_token_logps
-from .metrics import self_correction_stats
+from .metrics import clip_stats, length_stats, reward_stats, self_correction_stats
 from .models import check_model_path
 from .objective import (
     clipped_policy_loss,
@@ -137,7 +137,14 @@ class SCoReTrainer(RLOOTrainer):
             check_renders(processing_class, first[0]["prompt"], chat_template_kwargs)
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         names = [getattr(f, "__name__", type(f).__name__) for f in funcs]
-        dry_run(funcs, names, first)
+        # The reward sees the columns that survive `remove_unused_columns`, so a reward column it would drop fails now
+        note = (
+            f" remove_unused_columns=True keeps only {list(TRAINER_COLUMNS)}: set remove_unused_columns=False "
+            "(RLOOConfig's default) to pass the other columns to reward functions."
+            if args.remove_unused_columns
+            else ""
+        )
+        dry_run(funcs, names, surviving_columns(first, args.remove_unused_columns), note=note)
         reward_funcs = [CheckedReward(f, n) if is_plain_reward(f) else f for f, n in zip(funcs, names, strict=True)]
 
         super().__init__(
@@ -153,6 +160,11 @@ class SCoReTrainer(RLOOTrainer):
         self._unscorable_streak = 0
         # Rows of the completions table, sized like RLOO's to the latest generation batch
         self._attempt_logs = defaultdict(lambda: deque(maxlen=args.generation_batch_size))
+
+    def _set_signature_columns_if_needed(self):
+        # RLOO keeps only "prompt" (and images) under remove_unused_columns=True; SCoRe also reads its own columns.
+        if self._signature_columns is None:
+            self._signature_columns = list(TRAINER_COLUMNS)
 
     @property
     def current_stage(self) -> int:
@@ -256,7 +268,7 @@ class SCoReTrainer(RLOOTrainer):
         kl_coef = torch.tensor(kl_coefficients(stage, self.beta, self.args.beta2, self.num_attempts), device=device)
 
         self._log_rollout(mode, rewards, targets, num_generations, len(inputs))
-        self._log_table_rows(prompts, texts, rewards, all_advantages)
+        self._log_table_rows(prompts, texts, instructions, rewards, all_advantages)
         return {
             **layout,
             "old_logps": old_logps,
@@ -366,8 +378,10 @@ class SCoReTrainer(RLOOTrainer):
                 f"{where}. Training stopped at step {self.state.global_step}; checkpoints already saved in "
                 f"{self.args.output_dir} are intact (resume with resume_from_checkpoint)."
             ) from err
-        pending_extra.update({f"{k}/turn{t + 1}": v for k, v in self._pending_extra_logs.items()})
-        pending_metrics.update({f"{k}/turn{t + 1}": v for k, v in self._pending_metrics.items()})
+        last = t + 1 == self.num_attempts  # the final attempt's values also go under the names as written
+        for pending, new in ((pending_extra, self._pending_extra_logs), (pending_metrics, self._pending_metrics)):
+            pending.update({f"{k}/turn{t + 1}": v for k, v in new.items()})
+            pending.update(dict(new) if last else {})
         self._pending_extra_logs.clear()
         self._pending_metrics.clear()
         self._pending_extra_logs.update(pending_extra)
@@ -379,39 +393,41 @@ class SCoReTrainer(RLOOTrainer):
         if self.reward_clip_range:
             rewards = rewards.clamp(min=self.reward_clip_range[0], max=self.reward_clip_range[1])
         for i, name in enumerate(self.reward_func_names):
-            self._metrics[mode][f"turn{t + 1}/rewards/{name}/mean"].append(
-                torch.nanmean(rewards_per_func[:, i]).item()
-            )
+            values = rewards_per_func[:, i]
+            stats = {"mean": torch.nanmean(values).item(), "std": nanstd(values).item()}
+            for prefix in [f"turn{t + 1}/"] + ([""] if last else []):
+                for key, value in stats.items():
+                    self._metrics[mode][f"{prefix}rewards/{name}/{key}"].append(value)
+            # RLOO's record of the latest generation batch: the final attempt under the function's name
+            for key in [f"{name}/turn{t + 1}"] + ([name] if last else []):
+                self._logs["rewards"][key].extend(values.tolist())
         return rewards
 
     def _log_attempt_lengths(self, attempt: int, completion_ids: list[list[int]], mode: str):
         device = self.accelerator.device
-        lengths = self.accelerator.gather(torch.tensor([len(ids) for ids in completion_ids], device=device)).float()
+        lengths = self.accelerator.gather(torch.tensor([len(ids) for ids in completion_ids], device=device))
         truncated = self.accelerator.gather(torch.tensor(self._is_truncated(completion_ids), device=device))
-        prefix = f"turn{attempt}/completions"
-        self._metrics[mode][f"{prefix}/mean_length"].append(lengths.mean().item())
-        self._metrics[mode][f"{prefix}/min_length"].append(lengths.min().item())
-        self._metrics[mode][f"{prefix}/max_length"].append(lengths.max().item())
-        self._metrics[mode][f"{prefix}/clipped_ratio"].append(truncated.float().mean().item())
+        prefixes = [f"turn{attempt}/"] + ([""] if attempt == self.num_attempts else [])
+        for key, value in length_stats(lengths, truncated).items():
+            for prefix in prefixes:
+                self._metrics[mode][f"{prefix}completions/{key}"].append(value)
 
     def _log_rollout(self, mode, rewards, targets, num_generations, num_rows):
         metrics = self._metrics[mode]
         for t in range(self.num_attempts):
-            metrics[f"turn{t + 1}/reward"].append(torch.nanmean(rewards[:, t]).item())
-            metrics[f"turn{t + 1}/reward_std"].append(nanstd(rewards[:, t]).item())
             metrics[f"turn{t + 1}/shaped_reward"].append(torch.nanmean(targets[:, t]).item())
-            if num_generations > 1:
-                group_std = nanstd(rewards[:, t].view(-1, num_generations), dim=1)
-                metrics[f"turn{t + 1}/frac_reward_zero_std"].append(
-                    torch.isclose(group_std, torch.zeros_like(group_std)).float().mean().item()
-                )
+            prefixes = [f"turn{t + 1}/"] + ([""] if t + 1 == self.num_attempts else [])
+            for key, value in reward_stats(rewards[:, t], num_generations).items():
+                for prefix in prefixes:
+                    metrics[f"{prefix}{key}"].append(value)
         for key, value in self_correction_stats(rewards, self.args.correct_threshold).items():
             metrics[f"self_correction/{key}"].append(value)
 
         # Flush what reward functions logged (renamed per attempt), gathered across processes like RLOO does
         for column in sorted(set(gather_object(list(self._pending_extra_logs)))):
-            values = self._pending_extra_logs.get(column, [None] * num_rows)
-            self._attempt_logs[column].extend(gather_object(values))
+            values = gather_object(self._pending_extra_logs.get(column, [None] * num_rows))
+            self._attempt_logs[column].extend(values)
+            self._logs["extra"][column].extend(values)
         self._pending_extra_logs.clear()
         for name in sorted(set(gather_object(list(self._pending_metrics)))):
             values = self._pending_metrics.get(name, [])
@@ -420,7 +436,18 @@ class SCoReTrainer(RLOOTrainer):
             metrics[name].append(total / count)
         self._pending_metrics.clear()
 
-    def _log_table_rows(self, prompts, texts, rewards, advantages):
+    def _log_table_rows(self, prompts, texts, instructions, rewards, advantages):
+        # RLOO's record (`_logs`, read by its table and by callbacks): the prompt, the whole self-correction
+        # conversation after it as the completion, and the final attempt's advantage
+        conversations = []
+        for i in range(len(prompts)):
+            turns = [{"role": "assistant", "content": texts[0][i]}]
+            for t in range(1, self.num_attempts):
+                turns += [{"role": "user", "content": instructions[i]}, {"role": "assistant", "content": texts[t][i]}]
+            conversations.append(turns)
+        self._logs["prompt"].extend(gather_object(prompts))
+        self._logs["completion"].extend(gather_object(conversations))
+        self._logs["advantages"].extend(advantages[:, -1].tolist())
         logs = self._attempt_logs
         logs["prompt"].extend(gather_object([p[-1]["content"] for p in prompts]))
         for t in range(self.num_attempts):
@@ -464,6 +491,9 @@ class SCoReTrainer(RLOOTrainer):
             for t in range(self.num_attempts):
                 kl = totals[t] / totals[self.num_attempts + t].clamp(min=1.0)
                 self._metrics[mode][f"turn{t + 1}/kl"].append(kl.item())
+            # RLOO's `kl`: per-token mean over every trained token of every attempt
+            kl = totals[: self.num_attempts].sum() / totals[self.num_attempts :].sum().clamp(min=1.0)
+            self._metrics[mode]["kl"].append(kl.item())
         entropy_stats = self.accelerator.reduce(
             torch.stack([(entropies * trained).sum(), trained.sum()]), reduction="sum"
         )
@@ -475,8 +505,8 @@ class SCoReTrainer(RLOOTrainer):
         for t in range(self.num_attempts):
             self._metrics[mode][f"turn{t + 1}/clip_ratio/low_mean"].append(gathered_low[:, t].mean().item())
             self._metrics[mode][f"turn{t + 1}/clip_ratio/high_mean"].append(gathered_high[:, t].mean().item())
-        self._metrics[mode]["clip_ratio/region_mean"].append((gathered_low + gathered_high).clamp(max=1).mean().item())
-        self._metrics[mode]["clip_ratio/high_max"].append(nanmax(gathered_high).item())
+        for key, value in clip_stats(gathered_low, gathered_high).items():
+            self._metrics[mode][f"clip_ratio/{key}"].append(value)
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

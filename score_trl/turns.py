@@ -1,10 +1,12 @@
 """Token-level construction of the correction turn and of the training layout.
 
 The next attempt's prompt is built from token ids: the previous prompt, the sampled completion ids unchanged, the
-template's end-of-turn tokens, the instruction as a user turn and the generation prompt. Decoding a completion and
-re-applying the chat template would re-tokenize it (Gemma's template trims text, a truncated multi-byte character
-decodes lossily), so the context of the next turn would differ from what was sampled and its log-probs would be
-off-policy.
+template's end-of-turn tokens, the instruction as a user turn and the generation prompt, all as the template renders
+them. Templates that re-render earlier turns (Qwen3 drops old think blocks, gpt-oss turns <|return|> into <|end|>) are
+handled the same way: the sampled tokens stay as sampled and the template's own closing and turns follow. Decoding
+a completion and re-applying the chat template would re-tokenize it (Gemma's template trims text, a truncated
+multi-byte character decodes lossily), so the context of the next turn would differ from what was sampled and its
+log-probs would be off-policy.
 """
 
 from dataclasses import dataclass
@@ -24,24 +26,36 @@ class TurnBridge:
     """The tokens a chat template puts between an assistant turn's content and the next assistant turn's content.
 
     Attributes:
-        close_ids: tokens that end an assistant turn after its content (Gemma: `<end_of_turn>`, `\\n`).
-        instruction_ids: the user turn holding the instruction, followed by the generation prompt.
+        close_ids: tokens that end an assistant turn after its content (Gemma: `<end_of_turn>`, `\\n`); empty for
+            templates whose stop token opens the next turn (GLM-4's `<|user|>`).
+        instruction_ids: the user turn holding the instruction, followed by the generation prompt (with whatever the
+            template opens an assistant turn with, e.g. Qwen3's empty think block when thinking is off).
+        special_ids: the tokenizer's special tokens. A completion that ends on one of them (it stopped on a turn
+            token) may share it with the bridge; one that ends on text never does.
+        rerenders: the template renders earlier turns differently once a turn is added (Qwen3's thinking, gpt-oss,
+            Phi-3's closing <eos>), or its generation prompt is not how it renders an answered turn (DeepSeek-R1's
+            `<think>`): the correction turn then cannot equal a re-rendering of the whole conversation, and is the
+            sampled tokens followed by the template's own closing, instruction turn and generation prompt.
     """
 
     close_ids: tuple[int, ...]
     instruction_ids: tuple[int, ...]
+    special_ids: frozenset = frozenset()
+    rerenders: bool = False
 
     def after(self, completion_ids: list[int]) -> list[int]:
         """Tokens to append after `completion_ids` to open the next attempt.
 
-        A completion that already ends with the start of `close_ids` (it stopped on `<end_of_turn>`) gets only the
-        rest; one that ended on another EOS or was truncated gets all of it. The completion itself is never edited.
+        A completion that ended on a special token which starts the bridge (Qwen's `<|im_end|>`, Gemma's
+        `<end_of_turn>`, GLM-4's `<|user|>`) gets only the rest, so no turn token is doubled; one that ended on
+        another EOS or was truncated gets all of it. The completion itself is never edited.
         """
-        close = self.close_ids
-        for k in range(min(len(close), len(completion_ids)), 0, -1):
-            if tuple(completion_ids[-k:]) == close[:k]:
-                return list(close[k:] + self.instruction_ids)
-        return list(close + self.instruction_ids)
+        bridge = self.close_ids + self.instruction_ids
+        if completion_ids and completion_ids[-1] in self.special_ids:
+            for k in range(min(len(bridge), len(completion_ids)), 0, -1):
+                if tuple(completion_ids[-k:]) == bridge[:k]:
+                    return list(bridge[k:])
+        return list(bridge)
 
 
 def _render(tokenizer, messages, add_generation_prompt, chat_template_kwargs):
@@ -50,12 +64,21 @@ def _render(tokenizer, messages, add_generation_prompt, chat_template_kwargs):
     )
 
 
-def find_turn_bridge(tokenizer, instruction: str, chat_template_kwargs: dict | None = None) -> TurnBridge:
-    """Find the correction-turn tokens by diffing three renderings of the tokenizer's chat template.
+def special_token_ids(tokenizer) -> frozenset:
+    """Every special token id: the named ones and added tokens marked special (GGUF tokenizers do not always list
+    turn tokens such as Gemma's <end_of_turn> among `all_special_ids`)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return frozenset(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
 
-    Renders [user], [user, assistant] and [user, assistant, user=instruction] (the last with the generation prompt);
-    the text after the assistant content is the closing, the text the third rendering adds is the instruction turn.
-    Both are tokenized on their own: they start with a special token, so no merge crosses the boundary.
+
+def find_turn_bridge(tokenizer, instruction: str, chat_template_kwargs: dict | None = None) -> TurnBridge:
+    """Find the correction-turn tokens by rendering the tokenizer's chat template around a placeholder answer.
+
+    Renders [user] with the generation prompt, [user, assistant] and [user, assistant, user=instruction] with the
+    generation prompt (`chat_template_kwargs`, e.g. `enable_thinking`, honoured in each). The text the last rendering
+    puts after the assistant content is the template's own closing, instruction turn and generation prompt; the part
+    of it the second rendering shares is the closing. Both are tokenized on their own: they start with a special
+    token, so no merge crosses the boundary with the sampled tokens.
     """
     kwargs = chat_template_kwargs or {}
     if getattr(tokenizer, "chat_template", None) is None:
@@ -67,23 +90,34 @@ def find_turn_bridge(tokenizer, instruction: str, chat_template_kwargs: dict | N
     answer = {"role": "assistant", "content": _SENTINEL}
     correction = {"role": "user", "content": instruction}
     try:
+        prompt = _render(tokenizer, [user], True, kwargs)
         with_answer = _render(tokenizer, [user, answer], False, kwargs)
         with_correction = _render(tokenizer, [user, answer, correction], True, kwargs)
     except TemplateError as err:
         raise ValueError(f"The chat template cannot render a user/assistant/user conversation: {err}") from err
-    if with_answer.count(_SENTINEL) != 1 or not with_correction.startswith(with_answer):
+    if with_answer.count(_SENTINEL) != 1 or with_correction.count(_SENTINEL) != 1:
         raise ValueError(
-            "The chat template re-renders earlier turns when a turn is added (or drops assistant content), so a "
-            "correction turn cannot be appended to the sampled tokens. Use a template whose renderings of a "
-            "conversation are prefixes of each other."
+            "The chat template drops (or repeats) an assistant turn's content when it renders a conversation, so "
+            "the first attempt cannot stay in the context of the correction turn. Use a template that keeps "
+            "earlier assistant turns."
         )
-    close_text = with_answer.split(_SENTINEL, 1)[1]
-    instruction_text = with_correction[len(with_answer) :]
+    bridge_text = with_correction.split(_SENTINEL, 1)[1]
+    if instruction not in bridge_text:
+        raise ValueError("The chat template does not render the correction instruction after the first attempt.")
 
     def encode(text):
         return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    return TurnBridge(close_ids=encode(close_text), instruction_ids=encode(instruction_text))
+    bridge, last_close = encode(bridge_text), encode(with_answer.split(_SENTINEL, 1)[1])
+    n = 0
+    while n < min(len(bridge), len(last_close)) and bridge[n] == last_close[n]:
+        n += 1
+    return TurnBridge(
+        close_ids=bridge[:n],
+        instruction_ids=bridge[n:],
+        special_ids=special_token_ids(tokenizer),
+        rerenders=with_correction != prompt + _SENTINEL + bridge_text,
+    )
 
 
 def next_attempt_prompts(prompt_ids, completion_ids, bridges) -> tuple[list[list[int]], list[list[int]]]:

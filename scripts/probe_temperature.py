@@ -3,7 +3,7 @@ sample `--samples` first attempts per validation question and report the sampled
 whose samples disagree (the groups RLOO and SCoRe can learn from; a group that is all right or all wrong has zero
 advantage). Writes a JSON file.
 
-    python scripts/probe_temperature.py recipes/reproduce_smollm2.yaml --temperatures 1.0 0.7 --out probe.json
+    python scripts/probe_temperature.py recipes/reproduce/smollm2_cpu.yaml --temperatures 1.0 0.7 --out probe.json
 """
 
 import argparse

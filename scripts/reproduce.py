@@ -1,6 +1,6 @@
 """The self-correction result and its ablations (see score_trl/reproduce.py):
 
-python scripts/reproduce.py recipes/reproduce_smollm2.yaml [--arms score rloo] [--flag value ...]
+python scripts/reproduce.py recipes/reproduce/smollm2_cpu.yaml [--arms score rloo] [--flag value ...]
 """
 
 from score_trl.reproduce import cli

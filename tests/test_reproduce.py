@@ -77,6 +77,19 @@ def test_reward_series_from_score_and_rloo_logs():
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 
+@pytest.mark.parametrize("recipe", ["smollm2_cpu.yaml", "gpu.yaml"])
+def test_reproduction_recipes_parse(recipe):
+    from pathlib import Path
+
+    from score_trl.reproduce import ARMS, make_parser
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "reproduce" / recipe
+    (args,) = make_parser().parse_args_and_config(["--config", str(path)])
+    assert args.arms == ["base", "score", "rloo", "score_no_stage1", "score_alpha0"] and set(args.arms) == set(ARMS)
+    assert (args.alpha, args.beta, args.beta2) == (10.0, 0.01, 0.1)  # the paper's
+    assert 0 < args.stage_one_steps < args.max_steps and args.eval_split == "test" and args.n_test >= 300
+
+
 def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     """Every arm trains (2 steps) and is evaluated; the tables, curves and records come from files the run wrote, and
     a second run skips finished arms."""

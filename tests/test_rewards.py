@@ -68,6 +68,16 @@ def test_reference_answer_order():
     assert reference_answer(answer="Work...\n#### 1,234") == "1234"
     assert reference_answer(answer=None, solution="so \\boxed{x^{2}}") == "x^{2}"
     assert reference_answer(answer="", solution="\\boxed{}") is None
+    # GSM8K's worked answer arriving in a `solution` column
+    assert reference_answer(solution="3 + 4 = <<3+4=7>>7 apples.\n#### 7") == "7"
+    assert reference_answer(solution="no final answer here") is None
+
+
+def test_math_reward_reads_gsm8k_answers_from_solution():
+    completions = [[{"role": "assistant", "content": "Final Answer: The final answer is $72$. I hope it is correct."}]]
+    solution = ["Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n48+24 = <<48+24=72>>72\n#### 72"]
+    assert math_answer_reward(completions, solution=solution) == [1.0]
+    assert math_answer_reward(completions, solution=[solution[0].replace("72", "71")]) == [0.0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -297,26 +297,6 @@ def test_resume_continues_in_the_same_stage_and_step(tmp_path, tiny_model_dir, t
         assert logged == list(zip(range(first, 5), expected, strict=True))
 
 
-def test_reward_logs_stay_per_turn(tmp_path, tiny_model_dir, tokenizer):
-    def logging_reward(completions, answer, log_extra, log_metric, **kwargs):
-        rewards = letter_reward(completions)
-        log_extra("length", [len(c[0]["content"]) for c in completions])
-        log_metric("mean_letters", sum(rewards) / len(rewards))
-        return rewards
-
-    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, reward=logging_reward, max_steps=1)
-    trainer.train()
-    logs = trainer._attempt_logs
-    n = trainer.args.generation_batch_size
-    for t in (1, 2):
-        assert list(logs[f"length/turn{t}"]) == [len(text) for text in logs[f"attempt_{t}"]]
-        assert len(logs[f"attempt_{t}"]) == n
-    assert "length" not in logs
-    log = trainer.state.log_history[0]
-    for t in (1, 2):
-        assert log[f"mean_letters/turn{t}"] == pytest.approx(log[f"turn{t}/reward"], abs=1e-6)
-
-
 @pytest.mark.parametrize("num_attempts", [2, 3], ids=["two_attempts", "three_attempts"])
 def test_truncation_mask_accumulation_iterations_and_eval(tmp_path, tiny_model_dir, tokenizer, num_attempts):
     trainer = SCoReTrainer(

@@ -78,11 +78,15 @@ def test_sampled_ids_survive_where_re_rendering_would_not(tokenizer, y1_text, cu
 
 
 def test_partial_close_suffix_is_completed():
-    bridge = TurnBridge(close_ids=(7, 8), instruction_ids=(9,))
+    bridge = TurnBridge(close_ids=(7, 8), instruction_ids=(9,), special_ids=frozenset({7, 8, 9}))
     assert bridge.after([1, 2, 7]) == [8, 9]
     assert bridge.after([1, 2, 7, 8]) == [9]
     assert bridge.after([1, 2]) == [7, 8, 9]
     assert bridge.after([]) == [7, 8, 9]
+    # A stop token that opens the next turn (GLM-4's <|user|>) is shared with the instruction turn, not doubled
+    assert TurnBridge((), (9, 5), frozenset({9})).after([1, 9]) == [5]
+    # Only a special token at the end can be shared: text that happens to equal the closing's start is kept apart
+    assert TurnBridge((7, 8), (9,), frozenset({8})).after([1, 7]) == [7, 8, 9]
 
 
 def test_pack_attempts_masks_cover_attempts_only():
@@ -112,13 +116,13 @@ def test_tokenizer_without_chat_template_names_the_fix(tokenizer):
         find_turn_bridge(tokenizer, "Fix it.")
 
 
-def test_template_that_rerenders_earlier_turns_is_rejected(tokenizer):
-    # A template that drops earlier assistant turns (as some reasoning templates do) cannot extend sampled tokens.
+def test_template_that_drops_earlier_turns_is_rejected(tokenizer):
+    # A template that drops earlier assistant turns cannot keep the first attempt in the correction turn's context.
     tokenizer.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'user' or loop.last %}{{ m['role'] + ': ' + m['content'] + '\n' }}"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     )
-    with pytest.raises(ValueError, match="re-renders earlier turns"):
+    with pytest.raises(ValueError, match="drops \\(or repeats\\) an assistant turn"):
         find_turn_bridge(tokenizer, "Fix it.")
 
 
