@@ -60,7 +60,11 @@ class SCoReTrainer(RLOOTrainer):
     - `_compute_loss`: RLOO's clipped sequence-level objective applied to each turn's tokens with its own advantage,
       plus the per-turn KL term; the injected instruction tokens are attended to but carry no loss and no KL. Log-probs
       come from `_turn_logps`, which projects only attempt tokens through the LM head (`score_trl.logprobs`).
-    - `log`: the completions table shows every attempt with its reward and advantage.
+    - `log`: the completions table shows every attempt with its reward and advantage. Every key RLOO logs is logged
+      too, the final attempt's value where RLOO has a single number (`score_trl.metrics`), and `_logs` is filled as
+      RLOO fills it.
+    - `_set_signature_columns_if_needed`: `remove_unused_columns=True` keeps SCoRe's own columns
+      (`correction_instruction`, `first_attempt`) beside `prompt`.
 
     Everything else (reference model, PEFT adapter disabling, samplers, buffering across `steps_per_generation` and
     `num_iterations`, checkpointing, metric reduction) is RLOO's. The stage is a function of `state.global_step`, so
