@@ -28,9 +28,9 @@ demo: install
 	$(LAUNCH) scripts/train_score.py recipes/demo_smollm2.yaml
 
 # The self-correction result and its ablations on generated arithmetic (CPU, ~2 hours; docs/results). One arm:
-# make reproduce ARMS=score (several: ARMS="score rloo")
+# make reproduce ARMS=score (several: ARMS="score rloo"); RESUME=1 keeps arms a stopped run finished
 reproduce: install
-	$(PY) scripts/reproduce.py recipes/reproduce/smollm2_cpu.yaml $(if $(ARMS),--arms $(ARMS))
+	$(PY) scripts/reproduce.py recipes/reproduce/smollm2_cpu.yaml $(if $(ARMS),--arms $(ARMS)) $(if $(RESUME),--resume true)
 
 test: install
 	$(PY) -m pytest -q

@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass, field
 
 from trl import RLOOConfig
@@ -183,12 +184,16 @@ class SCoReConfig(RLOOConfig):
         micro_steps_per_generation = self.steps_per_generation * self.num_iterations
         switch_micro_step = self.stage_one_steps * self.gradient_accumulation_steps
         if switch_micro_step % micro_steps_per_generation != 0:
+            period = micro_steps_per_generation // math.gcd(
+                micro_steps_per_generation, self.gradient_accumulation_steps
+            )
+            below = self.stage_one_steps // period * period
+            nearest = " or ".join(str(n) for n in (below, below + period) if n > 0)
             raise ValueError(
                 f"stage_one_steps={self.stage_one_steps} does not fall on a generation boundary: a generation batch "
                 f"is reused for {micro_steps_per_generation} micro-steps (steps_per_generation * num_iterations) and "
-                f"each optimizer step has {self.gradient_accumulation_steps} (gradient_accumulation_steps). Choose "
-                "stage_one_steps so that stage_one_steps * gradient_accumulation_steps is a multiple of "
-                "steps_per_generation * num_iterations."
+                f"each optimizer step has {self.gradient_accumulation_steps} (gradient_accumulation_steps), so the "
+                f"stages can switch every {period} steps: set stage_one_steps={nearest} (or change those settings)."
             )
 
 

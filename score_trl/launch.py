@@ -274,8 +274,8 @@ def _compare(trainer, eval_dataset, reward_funcs, script_args) -> dict | None:
 
 DEMO_NOTE = (
     "A smoke test of the pipeline, not a result: a few steps, measured on questions it also trains on, so the change "
-    "is noise.\nThe self-correction result, on held-out problems with the paper's ablations, is in docs/results "
-    "(README, Results; re-run it with `make reproduce`)."
+    "is noise.\nThe held-out measurement with the paper's ablations is in docs/results (README, Results, which says "
+    "what it shows and what it does not; re-run it with `make reproduce`)."
 )
 
 

@@ -16,11 +16,13 @@ of steps), and is then evaluated once, greedy, with two attempts, on the evaluat
 Per arm, in output_dir/<arm>/: records.jsonl (every problem, both attempts and rewards; resumable), summary.json,
 log_history.json (the trainer's logged metrics per step) and run.json (settings, wall times, hardware). At the end:
 results.md (the paper's table, arms side by side), curves.png (turn-1 and turn-2 training reward and their difference
-against step) and comparison.png. An arm whose summary.json exists is skipped, so a stopped run continues.
+against step) and comparison.png. Each chosen arm is run afresh, replacing its old results (the committed ones in
+docs/results included); with `--resume true` an arm whose summary.json exists is kept, so a stopped run continues.
 """
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +38,10 @@ class ReproduceArguments:
     arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": f"Arms to run, of {ARMS}."})
     output_dir: str = field(default="docs/results", metadata={"help": "Where tables, curves and records go."})
     work_dir: str = field(default="outputs/reproduce", metadata={"help": "Generated data and trained adapters."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Keep arms that already have a summary.json in output_dir (continue a stopped run)."},
+    )
     eval_split: str = field(
         default="test",
         metadata={"help": "validation (to choose settings) or test (once per arm, with the chosen settings)."},
@@ -216,9 +222,10 @@ def main(args: ReproduceArguments) -> Path:
     output = Path(args.output_dir)
     path, tokenizer, data = load(args)
     for arm in args.arms:
-        if (output / arm / "summary.json").is_file():
+        if args.resume and (output / arm / "summary.json").is_file():
             print(f"[reproduce] {arm}: done before, kept ({output / arm / 'summary.json'})")
             continue
+        shutil.rmtree(output / arm, ignore_errors=True)  # no stale records.jsonl resumed into a new run
         print(f"[reproduce] {arm}: training and evaluating", flush=True)
         run_arm(arm, args, path, tokenizer, data)
     done = [arm for arm in ARMS if (output / arm / "summary.json").is_file()]

@@ -1,6 +1,7 @@
 """Run TRL's own RLOOTrainer tests against SCoReTrainer, offline, and list what passes and what fails.
 
     python scripts/trl_rloo_suite.py --tests path/to/trl/tests/test_rloo_trainer.py [--conversational] [--out DIR]
+    python scripts/trl_rloo_suite.py --tests ... --conversational --trainer rloo   # the control: TRL's own trainer
 
 TRL's test file is not shipped in its wheel or sdist and is not part of this repository: pass the one from a TRL
 source checkout (tag v1.16.0). The script copies it into a scratch package beside a small `testing_utils` stand-in,
@@ -11,13 +12,19 @@ and runs it with pytest after swapping, inside the test module only:
   configs, with this project's test tokenizer and the family's chat template from `trl/chat_templates`,
 - `load_dataset("trl-internal-testing/zen", ...)` -> the Zen of Python prompts in the same two configurations; with
   `--conversational`, the standard (plain-string) configuration is served as conversational prompts too, so that the
-  rest of each test runs under SCoRe's conversational-only contract.
-Vision tests are skipped (SCoRe is text-only), as are tests TRL itself skips (vLLM). Writes junit.xml and
-summary.md (one row per test: outcome and the first line of its failure) to --out.
+  rest of each test runs under SCoRe's conversational-only contract, and the suite's reward functions, written for
+  strings (`len(completion)`, `set(completion)`), get each completion's text (which still answers
+  `completion[0]["content"]`).
+With `--trainer rloo` nothing but the models and the dataset is swapped: TRL's own RLOOTrainer runs the same
+modified suite, so a test that fails there too fails because of the stand-ins or the conversational prompts (reward
+functions written for strings), not because of SCoRe. Vision tests are skipped (SCoRe is text-only), as are tests TRL
+itself skips (vLLM). Writes junit.xml and summary.md (one row per test: outcome and the first line of its failure) to
+--out.
 """
 
 import argparse
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -46,14 +53,70 @@ require_vllm = pytest.mark.skip(reason="needs vLLM and a GPU")
 """
 
 CONFTEST = """
+import functools
+import inspect
 import sys
 
 import pytest
+import torch
+from trl import RLOOConfig, RLOOTrainer
 
 sys.path.insert(0, {root!r})
 from scripts.trl_rloo_suite import build_standins, zen_dataset  # noqa: E402
 
 CONVERSATIONAL = {conversational!r}
+SWAP_TRAINER = {swap_trainer!r}
+
+
+class CPURLOOConfig(RLOOConfig):
+    # RLOO's own config for the control, with bf16 off where there is no bf16 GPU (as SCoReConfig does)
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            self.bf16 = False
+        super().__post_init__()
+
+
+class TextCompletion(str):
+    # A conversational completion as its text, for reward functions the suite writes for strings (len, set); it still
+    # answers completion[0]["content"] like the message list it stands for
+    def __getitem__(self, key):
+        return {{"role": "assistant", "content": str(self)}} if key == 0 else super().__getitem__(key)
+
+
+def _as_text(completions):
+    return [
+        TextCompletion("".join(m["content"] for m in c if isinstance(m.get("content"), str))) if isinstance(c, list)
+        else c
+        for c in completions
+    ]
+
+
+def _text_reward(func):
+    if not callable(func) or isinstance(func, torch.nn.Module):
+        return func
+    if inspect.iscoroutinefunction(func):
+        @functools.wraps(func)
+        async def wrapper(*args, completions, **kwargs):
+            return await func(*args, completions=_as_text(completions), **kwargs)
+    else:
+        @functools.wraps(func)
+        def wrapper(*args, completions, **kwargs):
+            return func(*args, completions=_as_text(completions), **kwargs)
+    return wrapper
+
+
+def text_rewards(trainer_class):
+    # The trainer under test, with reward functions that get conversational completions as text
+    class Trainer(trainer_class):
+        def __init__(self, *args, reward_funcs=None, **kwargs):
+            if isinstance(reward_funcs, list):
+                reward_funcs = [_text_reward(f) for f in reward_funcs]
+            else:
+                reward_funcs = _text_reward(reward_funcs)
+            super().__init__(*args, reward_funcs=reward_funcs, **kwargs)
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_class.__name__
+    return Trainer
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -62,14 +125,20 @@ def _standins(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _score_instead_of_rloo(monkeypatch):
+def _swap(monkeypatch):
+    import trl.trainer.rloo_trainer
     from score_trl import SCoReConfig, SCoReTrainer
 
     import suite.test_rloo_trainer as module
 
-    monkeypatch.setattr(module, "RLOOTrainer", SCoReTrainer)
-    monkeypatch.setattr(module, "RLOOConfig", SCoReConfig)
     monkeypatch.setattr(module, "load_dataset", lambda *a, **k: zen_dataset(*a, conversational=CONVERSATIONAL, **k))
+    trainer = SCoReTrainer if SWAP_TRAINER else RLOOTrainer
+    monkeypatch.setattr(module, "RLOOTrainer", text_rewards(trainer) if CONVERSATIONAL else trainer)
+    if SWAP_TRAINER:
+        monkeypatch.setattr(module, "RLOOConfig", SCoReConfig)
+    else:
+        monkeypatch.setattr(module, "RLOOConfig", CPURLOOConfig)
+        monkeypatch.setattr(trl.trainer.rloo_trainer, "RLOOConfig", CPURLOOConfig)
 """
 
 # Zen of Python prompts, cut as in TRL's zen dataset (the first twelve are the ones its ordering test expects)
@@ -182,10 +251,28 @@ def summarize(junit: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def header(args) -> str:
+    import platform
+    import time
+    from importlib.metadata import version
+
+    trainer = "SCoReTrainer" if args.trainer == "score" else "TRL's own RLOOTrainer (the control)"
+    prompts = "standard prompts served as conversational" if args.conversational else "prompts as the suite has them"
+    versions = ", ".join(f"{p} {version(p)}" for p in ("trl", "transformers", "peft", "torch"))
+    return (
+        f"# TRL's RLOOTrainer tests against {trainer}, {prompts}\n\n"
+        f"`python scripts/trl_rloo_suite.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d %H:%M %Z')}; "
+        f"{versions}; {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores\n\n"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tests", required=True, help="TRL's tests/test_rloo_trainer.py")
     parser.add_argument("--conversational", action="store_true", help="serve standard prompts as conversational")
+    parser.add_argument(
+        "--trainer", choices=("score", "rloo"), default="score", help="rloo: TRL's own trainer (the control)"
+    )
     parser.add_argument("--out", default="outputs/trl_rloo_suite", help="where junit.xml and summary.md go")
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest (e.g. -k peft)")
     args = parser.parse_args()
@@ -195,10 +282,12 @@ def main():
     shutil.copy(args.tests, work / "suite" / "test_rloo_trainer.py")
     (work / "suite" / "__init__.py").write_text("")
     (work / "suite" / "testing_utils.py").write_text(TESTING_UTILS)
-    (work / "conftest.py").write_text(CONFTEST.format(root=str(ROOT), conversational=args.conversational))
+    (work / "conftest.py").write_text(
+        CONFTEST.format(root=str(ROOT), conversational=args.conversational, swap_trainer=args.trainer == "score")
+    )
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", "junit.xml", "suite"]
     subprocess.run(command + args.pytest_args, cwd=work, check=False)
-    summary = summarize(work / "junit.xml")
+    summary = header(args) + summarize(work / "junit.xml")
     (work / "summary.md").write_text(summary)
     print(summary)
 

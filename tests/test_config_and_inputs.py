@@ -35,7 +35,15 @@ def test_paper_defaults(tmp_path):
         (dict(correction_instruction="  "), "correction_instruction is empty"),
         (
             dict(gradient_accumulation_steps=1, steps_per_generation=2, stage_one_steps=3),
-            "stage_one_steps=3 does not fall on a generation boundary",
+            "stage_one_steps=3 does not fall on a generation boundary.*every 2 steps: set stage_one_steps=2 or 4",
+        ),
+        (
+            dict(gradient_accumulation_steps=3, steps_per_generation=4, num_iterations=2, stage_one_steps=100),
+            "every 8 steps: set stage_one_steps=96 or 104",  # TRL's own test_prepare_input_called_with_correct_data
+        ),
+        (
+            dict(gradient_accumulation_steps=1, steps_per_generation=4, stage_one_steps=3),
+            "every 4 steps: set stage_one_steps=4 ",
         ),
     ],
 )

@@ -122,6 +122,15 @@ def test_unscorable_batches_are_logged_and_stop_the_run(tmp_path, tiny_model_dir
     assert trainer._metrics["train"]["turn1/frac_unscorable"][-1] == 1.0
 
 
+def test_unscorable_batches_warn_as_rloo_does_and_zero_never_stops(tmp_path, tiny_model_dir, tokenizer, caplog):
+    # RLOOTrainer only warns; `max_unscorable_steps=0` gives its behaviour, and its warning is there either way
+    trainer = build(tmp_path, tiny_model_dir, tokenizer, reward=always_none, max_steps=4, max_unscorable_steps=0)
+    with caplog.at_level("WARNING", logger="trl.trainer.rloo_trainer"):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    assert "All reward functions returned None for the following kwargs:" in caplog.text
+
+
 def test_partly_unscorable_rows_train_on(tmp_path, tiny_model_dir, tokenizer):
     def half(completions, answer, **kwargs):
         return [None if a in ("red", "green") else 0.5 for a in answer]

@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -165,18 +166,30 @@ def test_console_command_is_installed():
     assert result.returncode == 0 and "--compare" in result.stdout and "--adapter" in result.stdout
 
 
-def read_wandb_history(run_file: Path) -> list[dict]:
-    """History rows of an offline wandb run, read from its .wandb file (a LevelDB-style log of protobuf records)."""
+def read_wandb_history(run_file: Path, timeout: float = 60.0) -> list[dict]:
+    """History rows of an offline wandb run, read from its .wandb file (a LevelDB-style log of protobuf records).
+    wandb's writer process may still be flushing after `wandb.finish()` returns, so wait for the run's exit record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows, finished = _wandb_records(run_file)
+        if finished or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def _wandb_records(run_file: Path) -> tuple[list[dict], bool]:
     from wandb.proto import wandb_internal_pb2
 
     data, block, header = run_file.read_bytes(), 32768, 7
     assert data[:4] == b":W&B"
-    pos, pending, rows = 7, b"", []
+    pos, pending, rows, finished = 7, b"", [], False
     while pos + header <= len(data):
         if block - pos % block < header:  # a block's tail too short for a record header is padding
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        if pos + header + length > len(data):  # still being written
+            break
         chunk, pos = data[pos + header : pos + header + length], pos + header + length
         if kind in (2, 3):  # first / middle fragment
             pending += chunk
@@ -188,7 +201,9 @@ def read_wandb_history(run_file: Path) -> list[dict]:
         pending = b""
         if record.WhichOneof("record_type") == "history":
             rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
-    return rows
+        if record.WhichOneof("record_type") == "exit":
+            finished = True
+    return rows, finished
 
 
 def test_metrics_and_table_in_a_wandb_offline_run(tmp_path, tiny_model_dir, tokenizer, monkeypatch):

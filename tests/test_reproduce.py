@@ -92,7 +92,7 @@ def test_reproduction_recipes_parse(recipe):
 
 def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     """Every arm trains (2 steps) and is evaluated; the tables, curves and records come from files the run wrote, and
-    a second run skips finished arms."""
+    a rerun replaces the chosen arms unless resuming."""
     from score_trl.reproduce import ARMS, main, make_parser
 
     argv = [
@@ -118,6 +118,11 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert all(f" {arm} " in table for arm in ARMS) and "Accuracy@t1" in table
     for png in ("curves.png", "comparison.png"):
         assert (output / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    before = (output / "score" / "summary.json").stat().st_mtime
-    main(args)  # finished arms are kept, not redone
-    assert (output / "score" / "summary.json").stat().st_mtime == before
+    mtime = {arm: (output / arm / "summary.json").stat().st_mtime_ns for arm in ARMS}
+    args.resume = True
+    main(args)  # a stopped run continues: finished arms are kept, not redone
+    assert {arm: (output / arm / "summary.json").stat().st_mtime_ns for arm in ARMS} == mtime
+    args.resume, args.arms = False, ["base"]
+    main(args)  # a rerun replaces the chosen arm only
+    assert (output / "base" / "summary.json").stat().st_mtime_ns != mtime["base"]
+    assert (output / "score" / "summary.json").stat().st_mtime_ns == mtime["score"]
