@@ -71,7 +71,9 @@ SWAP_TRAINER = {swap_trainer!r}
 class CPURLOOConfig(RLOOConfig):
     # RLOO's own config for the control, with bf16 off where there is no bf16 GPU (as SCoReConfig does)
     def __post_init__(self):
-        if self.bf16 is None and not self.fp16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        from score_trl.config import _bf16_device_available
+
+        if self.bf16 is None and not self.fp16 and not _bf16_device_available(self.use_cpu):
             self.bf16 = False
         super().__post_init__()
 
