@@ -1,4 +1,5 @@
 import math
+import signal
 from dataclasses import dataclass, field
 
 from trl import RLOOConfig
@@ -40,6 +41,10 @@ class SCoReConfig(RLOOConfig):
       log-probs are the detached training ones, so their no-grad pass is skipped (as GRPOTrainer does). Only attempt
       tokens go through the LM head: prompt, injected correction turn and padding are never projected.
 
+    - Resuming from `"last"` (or `True`) takes the newest *complete* checkpoint, skipping ones a kill cut short
+      (`score_trl.checkpoints`); `preemption_signals` turn SIGTERM/SIGUSR1 into a checkpoint and a clean exit, and
+      `reward_timeout` bounds a reward call.
+
     Defaults changed from [`~trl.RLOOConfig`]: `beta` is β1 = 0.01 and `learning_rate` 5e-6, the paper's values;
     `bf16` is on only where a bf16-capable GPU is present; `disable_dropout` is True, so that the policy that samples
     is the one that is scored (LoRA's default dropout of 0.05 would otherwise make them differ, and costs time).
@@ -64,6 +69,12 @@ class SCoReConfig(RLOOConfig):
         max_unscorable_steps (`int`, *optional*, defaults to `3`):
             Training stops with an error after this many consecutive generation batches in which every reward
             function returned None for every row and attempt. `0` never stops.
+        reward_timeout (`float`, *optional*):
+            Seconds one synchronous reward call (one attempt's batch) may take before training stops with an error
+            that names the function, the attempt and the step. `None` (default) sets no limit.
+        preemption_signals (`list[str]`, *optional*, defaults to `["SIGTERM", "SIGUSR1"]`):
+            Signals on which every rank finishes the current optimizer step, saves a complete checkpoint and exits with
+            status 75 (`score_trl.preemption`). `[]` leaves the signals' default handling.
         logprob_batch_size (`int`, *optional*):
             Rows per forward in the no-grad log-prob passes (reference model and, when off-policy, the sampling
             policy). `None` uses `per_device_train_batch_size` (`per_device_eval_batch_size` in evaluation).
@@ -132,6 +143,23 @@ class SCoReConfig(RLOOConfig):
             "(nothing scorable, so nothing learned). 0 never stops."
         },
     )
+    reward_timeout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Seconds a synchronous reward function may take for one attempt's batch; a call that takes longer "
+            "stops training like any reward failure, naming the function, the attempt and the step. None: no limit "
+            "(code rewards have their own per-program timeout)."
+        },
+    )
+    preemption_signals: list[str] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+        metadata={
+            "help": "Signals that make training finish the current optimizer step, save a complete checkpoint on "
+            "every rank and exit with status 75; resume with resume_from_checkpoint=last. SIGTERM: Kubernetes, spot "
+            "instances, Slurm at the time limit; SIGUSR1: Slurm's --signal=USR1@SECONDS. [] keeps the default "
+            "handlers."
+        },
+    )
     correct_threshold: float = field(
         default=0.5,
         metadata={
@@ -142,7 +170,7 @@ class SCoReConfig(RLOOConfig):
 
     def __post_init__(self):
         # RLOOConfig turns bf16 on by default, which TrainingArguments refuses on a machine without a bf16 device
-        if self.bf16 is None and not self.fp16 and not _bf16_device_available(self.use_cpu):
+        if self.bf16 is None and not self.fp16 and not bf16_device_available(self.use_cpu):
             self.bf16 = False
         # Checked before RLOOConfig's own checks so that the message names SCoRe's requirement and the fix.
         if self.num_generations is None or self.num_generations < 2:
@@ -172,6 +200,14 @@ class SCoReConfig(RLOOConfig):
             raise ValueError(f"max_unscorable_steps={self.max_unscorable_steps}: use 0 (never stop) or a count > 0.")
         if self.logprob_batch_size is not None and self.logprob_batch_size < 1:
             raise ValueError(f"logprob_batch_size={self.logprob_batch_size}: set a positive number of rows, or None.")
+        if self.reward_timeout is not None and self.reward_timeout <= 0:
+            raise ValueError(f"reward_timeout={self.reward_timeout}: give seconds > 0, or None for no limit.")
+        unknown = [s for s in self.preemption_signals if not isinstance(getattr(signal, s, None), signal.Signals)]
+        if unknown:
+            raise ValueError(
+                f"preemption_signals={self.preemption_signals}: {unknown} are not signal names of this platform. Use "
+                "names such as SIGTERM and SIGUSR1, or [] to keep the default handlers."
+            )
         if self.correction_instruction is not None and not self.correction_instruction.strip():
             raise ValueError(
                 "correction_instruction is empty; give the instruction that asks for a second attempt, or leave it "
@@ -179,6 +215,9 @@ class SCoReConfig(RLOOConfig):
             )
         super().__post_init__()
 
+        self._check_stage_switch()
+
+    def _check_stage_switch(self):
         # Generation happens every `steps_per_generation * num_iterations` micro-steps and a whole generation batch is
         # trained under the stage it was generated in, so the switch can only land on a generation boundary.
         micro_steps_per_generation = self.steps_per_generation * self.num_iterations
@@ -197,7 +236,8 @@ class SCoReConfig(RLOOConfig):
             )
 
 
-def _bf16_device_available(use_cpu: bool) -> bool:
+def bf16_device_available(use_cpu: bool = False) -> bool:
+    """bf16 only where a bf16-capable GPU is used: TrainingArguments refuses bf16 anywhere else."""
     import torch
 
     return not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -51,7 +51,7 @@ TASKS = {
     "math": Task(MATH_PROMPT, MATH_CORRECTION_INSTRUCTION, "math"),
     "code": Task(CODE_PROMPT, CODE_CORRECTION_INSTRUCTION, "code"),
     "short_answer": Task(SHORT_ANSWER_PROMPT, SHORT_ANSWER_CORRECTION_INSTRUCTION, "exact_match"),
-    # score_trl.arithmetic's generated problems (question, answer): the reproduction's task
+    # score_trl.cli.arithmetic's generated problems (question, answer): the reproduction's task
     "arithmetic": Task(ARITHMETIC_PROMPT, ARITHMETIC_CORRECTION_INSTRUCTION, "numeric"),
 }
 

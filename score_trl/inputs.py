@@ -4,6 +4,8 @@ import itertools
 
 from datasets import Dataset, IterableDataset
 from jinja2 import TemplateError
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from trl.trainer.utils import get_config_model_id
 
 
 # Columns the trainer itself reads: kept by `remove_unused_columns=True`, which drops every other column
@@ -75,3 +77,30 @@ def check_renders(tokenizer, prompt, chat_template_kwargs):
                 "the system text into the first user turn."
             )
         raise ValueError(f"train_dataset row 1: the chat template cannot render the prompt: {err}.{hint}") from err
+
+
+def default_tokenizer(model, args):
+    """The tokenizer RLOOTrainer would load for `model` when none is given, padded and truncated on the left."""
+    init_kwargs = args.model_init_kwargs or {}
+    return AutoTokenizer.from_pretrained(
+        model if isinstance(model, str) else get_config_model_id(model.config),
+        revision=init_kwargs.get("revision"),
+        padding_side="left",
+        truncation_side="left",
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def check_tokenizer(processing_class):
+    """A text tokenizer with a pad token, or an error that says what to pass instead."""
+    if not isinstance(processing_class, PreTrainedTokenizerBase):
+        raise TypeError(
+            f"SCoReTrainer is text-only: `processing_class` must be a tokenizer, got "
+            f"{type(processing_class).__name__}. Pass `processor.tokenizer`."
+        )
+    if processing_class.pad_token is None:
+        raise ValueError(
+            "The tokenizer has no pad token. Set one before building the trainer, e.g. "
+            "`tokenizer.pad_token = tokenizer.eos_token` (padding is always masked out)."
+        )
+    return processing_class

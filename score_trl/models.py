@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import trl
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
@@ -24,7 +25,10 @@ def resolve_file(spec: str) -> Path:
         return Path(spec).expanduser()
     name, _, relative = spec[len("package:") :].partition("/")
     if not relative:
-        path = Path(importlib.import_module(name).assemble())
+        # assemble() writes the file in place and trusts a file it finds: two processes must not run it at once
+        DEFAULT_CACHE.mkdir(parents=True, exist_ok=True)
+        with FileLock(DEFAULT_CACHE / f"{name}.assemble.lock"):
+            path = Path(importlib.import_module(name).assemble())
     else:
         found = importlib.util.find_spec(name)
         if found is None or not found.submodule_search_locations:
@@ -60,6 +64,16 @@ def convert_gguf(gguf: str, cache_dir: str | Path | None = None, chat_template: 
     target = Path(cache_dir or DEFAULT_CACHE) / f"{path.stem}-{key}"
     if (target / "config.json").is_file():
         return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Every rank of a launch (and any other process) may arrive here on a cold cache: one converts, the others wait on
+    # the lock and then find the folder.
+    with FileLock(f"{target}.lock"):
+        if not (target / "config.json").is_file():
+            _convert(path, target, chat_template)
+    return str(target)
+
+
+def _convert(path: Path, target: Path, chat_template: str | None):
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if chat_template is not None:
         tokenizer.chat_template = chat_template_text(chat_template)
@@ -77,8 +91,7 @@ def convert_gguf(gguf: str, cache_dir: str | Path | None = None, chat_template: 
     partial = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.replace(target)  # atomic: a concurrent or interrupted conversion never leaves a half-written folder
-    return str(target)
+    partial.replace(target)  # atomic under the lock: an interrupted conversion never leaves a half-written folder
 
 
 def _stop_at_end_of_turn(model, tokenizer):
@@ -89,9 +102,29 @@ def _stop_at_end_of_turn(model, tokenizer):
     # A control token (dropped by skip_special_tokens), not text such as a newline: GGUF tokenizers do not always
     # list Gemma's <end_of_turn> among all_special_ids.
     if tokenizer.decode([close], skip_special_tokens=True) == "":
-        eos = model.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        model.generation_config.eos_token_id = sorted({*eos, close})
+        model.generation_config.eos_token_id = sorted({*id_list(model.generation_config.eos_token_id), close})
+
+
+def id_list(ids) -> list[int]:
+    """Token ids as configs store them (None, one id, or a list) as a list."""
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
+def resolve_model(
+    model_name_or_path: str | None = None,
+    gguf_file: str | None = None,
+    chat_template: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """(model path, tokenizer) for every entry point: a hub id or a local folder, or a GGUF file converted once to a
+    cached folder (which replaces `model_name_or_path`); a local path is checked before anything loads; the tokenizer
+    as `load_tokenizer` prepares it, with `chat_template` for one that ships none."""
+    if not model_name_or_path and not gguf_file:
+        raise ValueError("Set model_name_or_path (hub id or local folder) or gguf_file.")
+    path = convert_gguf(gguf_file, chat_template=chat_template) if gguf_file else model_name_or_path
+    check_model_path(path)
+    return path, load_tokenizer(path, revision, trust_remote_code, chat_template)
 
 
 def check_model_path(name: str):

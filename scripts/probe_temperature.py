@@ -12,9 +12,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, set_seed
 
-from score_trl.evaluation import TransformersGenerator
-from score_trl.launch import recipe_argv
-from score_trl.reproduce import load, make_parser
+from score_trl.cli.reproduce import load, parse_args
+from score_trl.generation import TransformersGenerator
 from score_trl.rewards import numeric_reward
 
 
@@ -24,7 +23,7 @@ def main():
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--out", default="probe_temperature.json")
     own, rest = parser.parse_known_args()
-    (args,) = make_parser().parse_args_and_config(recipe_argv(rest))
+    args = parse_args(rest)
     path, tokenizer, data = load(args)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     rows = list(data["validation"])

@@ -1,4 +1,5 @@
-"""A tiny Gemma2 model and a locally trained tokenizer with Gemma's chat template, built once per session."""
+"""Shared test helpers: a tiny Gemma2 model and a locally trained tokenizer with Gemma's chat template (built once per
+session), toy data and rewards, and SCoReTrainer/SCoReConfig builders."""
 
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
-from score_trl import MATH_CORRECTION_INSTRUCTION
+from score_trl import MATH_CORRECTION_INSTRUCTION, SCoReConfig, SCoReTrainer
 
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -115,3 +116,45 @@ def toy_dataset(n: int = 8) -> Dataset:
 def word_reward(completions, answer, **kwargs):
     """1.0 when the completion contains the answer word, else 0.0 (TRL reward signature)."""
     return [float(a in c[0]["content"]) for c, a in zip(completions, answer, strict=True)]
+
+
+def letter_reward(completions, **kwargs):
+    """Share of letters in the completion: a dense reward, so every group has a learning signal."""
+    texts = [c[0]["content"] for c in completions]
+    return [sum(ch.isalpha() for ch in t) / max(len(t), 1) for t in texts]
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        max_steps=2,
+        stage_one_steps=1,
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        seed=0,
+    )
+    return SCoReConfig(**{**defaults, **kwargs})
+
+
+def make_trainer(tmp_path, model, tokenizer, reward=letter_reward, n=8, **kwargs):
+    peft_config = kwargs.pop("peft_config", None)
+    return SCoReTrainer(
+        model,
+        reward_funcs=reward,
+        args=make_args(tmp_path, **kwargs),
+        train_dataset=toy_dataset(n),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def grouped_inputs(trainer, words=("cat", "green")):
+    rows = [{"prompt": [{"role": "user", "content": toy_question(w)}], "answer": w} for w in words]
+    return [row for row in rows for _ in range(trainer.num_generations)]

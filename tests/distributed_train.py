@@ -14,8 +14,7 @@ from score_trl import SCoReTrainer
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import toy_dataset  # noqa: E402
-from test_trainer import letter_reward, make_args  # noqa: E402
+from conftest import letter_reward, make_args, toy_dataset  # noqa: E402
 
 
 def main(model_dir: str, output_dir: str):

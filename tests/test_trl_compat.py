@@ -1,27 +1,27 @@
 """What RLOOTrainer users rely on: its metric keys (checked against a real RLOOTrainer run), what reward functions log
 under their own names, `_logs`, and the columns `remove_unused_columns` keeps."""
 
+import inspect
+import re
+
 import pytest
+import trl.trainer.utils as trl_utils
 from datasets import Dataset
 from trl import RLOOConfig, RLOOTrainer
 
+import score_trl.trainer as score_trainer_module
 from score_trl import SCoReTrainer
 
-from conftest import toy_dataset, toy_question
-from test_trainer import letter_reward, make_args, make_trainer
+from conftest import letter_reward, make_args, make_trainer, toy_dataset, toy_question
 
 
 # Keys of the Trainer itself, not of RLOO's rollout
 TRAINER_KEYS = {"loss", "grad_norm", "learning_rate", "epoch", "step", "step_time"}
 
 
-def logged_keys(trainer) -> dict:
-    trainer.train()
-    return next(h for h in trainer.state.log_history if "loss" in h)
-
-
-def test_every_rloo_metric_key_is_logged_with_its_two_attempt_meaning(tmp_path, tiny_model_dir, tokenizer):
-    rloo = RLOOTrainer(
+def rloo_trainer(tmp_path, tiny_model_dir, tokenizer):
+    """TRL's own RLOOTrainer on the tiny model: the reference SCoRe is checked against."""
+    return RLOOTrainer(
         tiny_model_dir,
         reward_funcs=letter_reward,
         args=RLOOConfig(
@@ -40,6 +40,15 @@ def test_every_rloo_metric_key_is_logged_with_its_two_attempt_meaning(tmp_path, 
         train_dataset=toy_dataset(8),
         processing_class=tokenizer,
     )
+
+
+def logged_keys(trainer) -> dict:
+    trainer.train()
+    return next(h for h in trainer.state.log_history if "loss" in h)
+
+
+def test_every_rloo_metric_key_is_logged_with_its_two_attempt_meaning(tmp_path, tiny_model_dir, tokenizer):
+    rloo = rloo_trainer(tmp_path, tiny_model_dir, tokenizer)
     rloo_keys = set(logged_keys(rloo)) - TRAINER_KEYS
     assert {"reward", "kl", "clip_ratio/low_min", "completions/max_terminated_length"} <= rloo_keys
 
@@ -132,28 +141,33 @@ def test_remove_unused_columns_that_would_starve_a_reward_is_refused(tmp_path, t
         )
 
 
-def test_rloo_metric_helpers_by_hand():
-    import math
+def documented_internals() -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """(methods with their parameters, attributes) from the trainer docstring's "TRL internals we rely on" list."""
+    block = SCoReTrainer.__doc__.split("TRL internals we rely on")[1]
+    methods_part, rest = block.split("- attributes:")
+    attributes_part = rest.split("- `trl.trainer.utils")[0]
+    methods = [
+        (name, [p.strip() for p in params.split(",")])
+        for name, params in re.findall(r"`(\w+)\(([^)]*)\)`", methods_part)
+    ]
+    return methods, re.findall(r"`(\w+)`", attributes_part)
 
-    import torch
 
-    from score_trl.metrics import clip_stats, length_stats, reward_stats
+def test_every_trl_internal_we_rely_on_exists_as_documented(tmp_path, tiny_model_dir, tokenizer):
+    methods, attributes = documented_internals()
+    assert len(methods) == 3 and len(attributes) == 18
+    for name, params in methods:
+        signature = inspect.signature(getattr(RLOOTrainer, name))
+        assert [p for p in signature.parameters if p != "self"] == params, name
+    rloo = rloo_trainer(tmp_path, tiny_model_dir, tokenizer)
+    missing = [name for name in attributes if not hasattr(rloo, name)]
+    assert missing == []
+    assert list(inspect.signature(trl_utils._use_triton).parameters) == ["device"]
 
-    stats = length_stats(torch.tensor([4, 8, 2, 8]), torch.tensor([False, True, False, True]))
-    assert stats == {
-        "mean_length": 5.5, "min_length": 2.0, "max_length": 8.0, "clipped_ratio": 0.5,
-        "mean_terminated_length": 3.0, "min_terminated_length": 2.0, "max_terminated_length": 4.0,
-    }  # fmt: skip
-    assert length_stats(torch.tensor([8, 8]), torch.tensor([True, True]))["max_terminated_length"] == 0.0  # as RLOO
-
-    # Two prompts x 2 generations: group [1, 1] has zero std, group [0, 1] does not; NaN (unscorable) is left out
-    stats = reward_stats(torch.tensor([1.0, 1.0, 0.0, 1.0]), num_generations=2)
-    assert stats["reward"] == 0.75 and stats["frac_reward_zero_std"] == 0.5
-    assert math.isclose(stats["reward_std"], 0.5)  # sample std of [1, 1, 0, 1]
-    assert reward_stats(torch.tensor([1.0, float("nan"), 0.0, 0.0]), 2)["reward"] == pytest.approx(1 / 3)
-
-    low = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
-    high = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
-    assert clip_stats(low, high) == {
-        "low_mean": 0.25, "low_min": 0.0, "high_mean": 0.5, "high_max": 1.0, "region_mean": 0.75,
-    }  # fmt: skip
+    # And the list is complete: every private RLOO member the trainer touches is on it
+    source = inspect.getsource(score_trainer_module)
+    used = set(re.findall(r"self\.(_[a-z]\w*)", source))
+    own = {name for name in used if name in vars(SCoReTrainer) or name in ("_bridges", "_unscorable_streak",
+           "_attempt_logs", "_preemption")}  # fmt: skip
+    inherited = {name for name in used - own if hasattr(rloo, name)}
+    assert inherited - {name for name, _ in methods} - set(attributes) == set()

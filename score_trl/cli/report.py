@@ -1,33 +1,36 @@
 """Evaluation reports: the paper's table in markdown, a PNG plot, and the side-by-side comparison of several runs."""
 
 import json
+import re
 from pathlib import Path
+
+from ..stats import transition_key, transition_pairs
+
+
+_PAIR = re.compile(r"(incorrect_to_correct|correct_to_incorrect)_t(\d+)_t(\d+)")
 
 
 def rows_for(summaries: list[dict]) -> list[tuple[str, str]]:
-    """(label, key) rows for runs of up to K attempts: Acc@t per attempt, Δ and transitions between the first and
-    the last attempt, then per consecutive pair when some run has more than two."""
+    """(label, key) rows for runs of up to K attempts, keys as `score_trl.stats` names them: Acc@t per attempt, Δ and
+    the transitions between the first and the last attempt, then per consecutive pair when some run has more than
+    two, then the edits of the last attempt."""
     k = max(s.get("num_attempts", 2) for s in summaries)
     last = f"t{k}" if all(s.get("num_attempts", 2) == k for s in summaries) else "tK"
     rows = [(f"Accuracy@t{t}", f"accuracy_t{t}") for t in range(1, k + 1)]
-    rows += [
-        (f"Δ(t1,{last})", "delta"),
-        (f"Δi→c(t1,{last})", "incorrect_to_correct"),
-        (f"Δc→i(t1,{last})", "correct_to_incorrect"),
-    ]
-    if k > 2:
-        for t in range(1, k):
-            rows += [(f"Δi→c(t{t},t{t + 1})", f"i2c/{t}"), (f"Δc→i(t{t},t{t + 1})", f"c2i/{t}")]
+    rows.append((f"Δ(t1,{last})", "delta"))
+    for t, u in transition_pairs(k):
+        pair = f"t1,{last}" if (t, u) == (1, k) else f"t{t},t{u}"
+        rows += [(f"Δi→c({pair})", transition_key("incorrect_to_correct", t, u, k))]
+        rows += [(f"Δc→i({pair})", transition_key("correct_to_incorrect", t, u, k))]
     rows += [("no edit (last = previous attempt)", "no_edit"), ("mean edit distance", "mean_edit_distance")]
     return rows
 
 
 def _value(summary: dict, key: str):
-    if "/" in key:  # a consecutive pair's transition
-        name, t = key.split("/")
-        pairs = {p["from"]: p for p in summary.get("transitions", [])}
-        field = {"i2c": "incorrect_to_correct", "c2i": "correct_to_incorrect"}[name]
-        return pairs[int(t)][field] if int(t) in pairs else None
+    # A pair's row reads each run under that run's own key: for a two-attempt run, t1 -> t2 is its first -> last
+    pair = _PAIR.fullmatch(key)
+    if pair:
+        key = transition_key(pair[1], int(pair[2]), int(pair[3]), summary.get("num_attempts", 2))
     return summary.get(key)
 
 

@@ -18,10 +18,9 @@ from accelerate.commands.config.config_args import load_config_from_file
 from trl import ModelConfig
 
 from score_trl import SCoReTrainer
-from score_trl.launch import ScoreScriptArguments, check_launch, parse_args
+from score_trl.cli.train import ScoreScriptArguments, check_launch, parse_args
 
-from conftest import TOY_WORDS, toy_dataset, toy_question, word_reward
-from test_trainer import make_args
+from conftest import TOY_WORDS, make_args, toy_dataset, toy_question, word_reward
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """A seeded generator of small-number arithmetic problems with disjoint train / validation / test splits: the task of
-the reproduction (`score_trl.reproduce`), sized so that a 135M-parameter model solves some of it and has room to learn
-and to correct.
+the reproduction (`score_trl.cli.reproduce`), sized so that a 135M-parameter model solves some of it and has room to
+learn and to correct.
 
 A problem is a fact (a, op, b) with operands in [0, max_operand] and op in +, −, × (a ≥ b for −, so answers stay
 non-negative), asked in symbols ("What is 7 + 12?") or in words ("What is seven plus twelve?"). Splits are made over

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from score_trl.benchmark import cli
+from score_trl.cli.benchmark import cli
 
 
 def check(result, rows, tokens):

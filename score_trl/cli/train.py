@@ -6,46 +6,27 @@ The recipe is a flat YAML of ScoreScriptArguments, SCoReConfig and ModelConfig f
 on the command line override it. Unknown keys fail.
 """
 
-import sys
 from dataclasses import dataclass, field
 
 from accelerate.logging import get_logger
+
+from .common import DataArguments, ModelSourceArguments, parse, set_cpu_threads
 
 
 logger = get_logger(__name__)
 
 
 @dataclass
-class ScoreScriptArguments:
-    """Data, reward and model-file arguments of the SCoRe training script."""
+class ScoreScriptArguments(DataArguments, ModelSourceArguments):
+    """Data, reward and model-file arguments of the SCoRe training script (the data and model-source options are
+    shared with the other entry points)."""
 
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Training data: a local .jsonl/.json/.csv file or a hub dataset id (see score_trl.data)."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split used for training (hub datasets)."})
     eval_dataset_name: str | None = field(
         default=None,
         metadata={"help": "Evaluation data (file or hub id); defaults to dataset_name's dataset_test_split."},
     )
     dataset_test_split: str = field(default="test", metadata={"help": "Split used for evaluation (hub datasets)."})
-    dataset_format: str | None = field(
-        default=None,
-        metadata={"help": "gsm8k, math, mbpp, humaneval or score (the seed format); detected from columns if unset."},
-    )
-    task: str | None = field(
-        default=None,
-        metadata={
-            "help": "math, code, short_answer or arithmetic: prompt, correction instruction and default reward."
-        },
-    )
-    question_column: str | None = field(default=None, metadata={"help": "Question column of generic data."})
-    answer_column: str | None = field(default=None, metadata={"help": "Answer column of generic data."})
-    system_prompt: str | None = field(
-        default=None,
-        metadata={"help": "System prompt; folded into the user turn when the chat template has no system role."},
-    )
     first_attempt_fraction: float = field(
         default=0.0,
         metadata={"help": "Share of seed-format rows whose original_answer serves as an off-policy first attempt."},
@@ -55,21 +36,9 @@ class ScoreScriptArguments:
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Reward names (math, exact_match, numeric, code) or dotted paths to functions; the task's "
-            "reward if unset."
+            "help": "Reward names (math, math_strict, exact_match, numeric, code) or dotted paths to functions; the "
+            "task's reward if unset."
         },
-    )
-    gguf_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Train from a GGUF file (path, `package:NAME/FILE` inside an installed package, or "
-            "`package:NAME` for a package with assemble()). Converted once to a cached transformers folder, which "
-            "replaces model_name_or_path."
-        },
-    )
-    chat_template: str | None = field(
-        default=None,
-        metadata={"help": "Chat template for a tokenizer without one: a .jinja path or `trl:NAME` (e.g. trl:gemma)."},
     )
     compare_before_after: int = field(
         default=0,
@@ -90,37 +59,13 @@ class ScoreScriptArguments:
     )
 
 
-def make_parser():
-    from trl import ModelConfig, TrlParser
-
-    from .config import SCoReConfig
-
-    return TrlParser((ScoreScriptArguments, SCoReConfig, ModelConfig))
-
-
-def recipe_argv(argv: list[str] | None = None) -> list[str]:
-    """Command-line arguments with a leading recipe path turned into `--config PATH` (TrlParser's form)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
-        argv = ["--config", argv[0], *argv[1:]]
-    return argv
-
-
 def parse_args(argv: list[str] | None = None):
-    """Parse a recipe given as the first positional argument (or with --config) and command-line overrides."""
-    return make_parser().parse_args_and_config(recipe_argv(argv))
+    """(ScoreScriptArguments, SCoReConfig, ModelConfig) from a recipe given first (or with --config) and overrides."""
+    from trl import ModelConfig
 
+    from ..config import SCoReConfig
 
-def adapter_kwargs(args, tokenizer) -> dict:
-    """The data-adapter options (score_trl.data.to_score_rows) shared by the training and evaluation scripts."""
-    return dict(
-        format=args.dataset_format,
-        task=args.task,
-        question_column=args.question_column,
-        answer_column=args.answer_column,
-        system_prompt=args.system_prompt,
-        tokenizer=tokenizer,
-    )
+    return parse((ScoreScriptArguments, SCoReConfig, ModelConfig), argv)
 
 
 def check_launch(script_args, training_args, model_args):
@@ -145,64 +90,27 @@ def check_launch(script_args, training_args, model_args):
         raise ValueError("bitsandbytes quantization needs a GPU; drop load_in_4bit/load_in_8bit for CPU runs.")
 
 
-def set_cpu_threads(threads: int | None = None, local_processes: int = 1) -> int:
-    """Intra-op threads for a CPU run: `threads`, else this job's cores shared among the local processes. `accelerate
-    launch` without `--cpu` exports OMP_NUM_THREADS=1, which leaves all but one core idle."""
-    import os
-
-    import torch
-
-    threads = threads or max(len(os.sched_getaffinity(0)) // max(local_processes, 1), 1)
-    torch.set_num_threads(threads)
-    return threads
-
-
 def resolve_resume(training_args) -> str | None:
-    """`resume_from_checkpoint`: a checkpoint folder, or true/last for the newest checkpoint in output_dir."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """`resume_from_checkpoint`: a checkpoint folder, or true/last for the newest *complete* checkpoint in output_dir
+    (incomplete ones are logged and skipped; none: start from scratch, so a requeued job can always pass `last`)."""
+    from ..checkpoints import last_complete_checkpoint
 
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "none", ""):
         return None
     if str(value).lower() in ("true", "last"):
-        from pathlib import Path
-
-        last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        last = last_complete_checkpoint(training_args.output_dir)
         if last is None:
-            logger.warning(f"No checkpoint in {training_args.output_dir}; starting from scratch.")
+            logger.warning(f"No complete checkpoint in {training_args.output_dir}; starting from scratch.")
         return last
     return value
 
 
-def main(script_args, training_args, model_args):
-    from trl import get_peft_config, get_quantization_config
+def load_datasets(script_args, training_args, tokenizer):
+    """(train dataset, eval dataset or None): the eval rows are loaded when training evaluates or compares."""
+    from ..data import load_score_dataset
 
-    from .data import TASKS, load_score_dataset
-    from .models import check_model_path, convert_gguf, load_tokenizer
-    from .rewards import get_reward_funcs
-    from .trainer import SCoReTrainer
-
-    check_launch(script_args, training_args, model_args)
-    if training_args.device.type == "cpu":
-        set_cpu_threads(script_args.cpu_threads, training_args.distributed_state.num_processes)
-
-    # Model: a hub id or folder, or a GGUF converted once to a cached folder
-    model_path = model_args.model_name_or_path
-    if script_args.gguf_file:
-        model_path = convert_gguf(script_args.gguf_file, chat_template=script_args.chat_template)
-    check_model_path(model_path)
-    tokenizer = load_tokenizer(
-        model_path, model_args.model_revision, training_args.trust_remote_code, script_args.chat_template
-    )
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
-
-    # Data and rewards
-    data_kwargs = dict(config_name=script_args.dataset_config, **adapter_kwargs(script_args, tokenizer))
+    data_kwargs = dict(config_name=script_args.dataset_config, **script_args.adapter_kwargs(tokenizer))
     train_dataset = load_score_dataset(
         script_args.dataset_name,
         split=script_args.dataset_train_split,
@@ -219,8 +127,41 @@ def main(script_args, training_args, model_args):
             limit=script_args.max_eval_samples,
             **data_kwargs,
         )
-    task = train_dataset[0]["task"]
-    reward_funcs = get_reward_funcs(script_args.reward_funcs or [TASKS[task].reward])
+    return train_dataset, eval_dataset
+
+
+def task_of(dataset):
+    """The `score_trl.data.Task` the rows were built for."""
+    from ..data import TASKS
+
+    return TASKS[dataset[0]["task"]]
+
+
+def main(script_args, training_args, model_args):
+    from trl import get_peft_config, get_quantization_config
+
+    from ..models import resolve_model
+    from ..rewards import get_reward_funcs
+    from ..trainer import SCoReTrainer
+
+    check_launch(script_args, training_args, model_args)
+    if training_args.device.type == "cpu":
+        set_cpu_threads(script_args.cpu_threads, training_args.distributed_state.num_processes)
+    model_path, tokenizer = resolve_model(
+        model_args.model_name_or_path,
+        script_args.gguf_file,
+        script_args.chat_template,
+        model_args.model_revision,
+        training_args.trust_remote_code,
+    )
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    train_dataset, eval_dataset = load_datasets(script_args, training_args, tokenizer)
+    reward_funcs = get_reward_funcs(script_args.reward_funcs or [task_of(train_dataset).reward])
 
     trainer = SCoReTrainer(
         model=model_path,
@@ -251,25 +192,23 @@ def main(script_args, training_args, model_args):
 
 
 def _compare(trainer, eval_dataset, reward_funcs, script_args) -> dict | None:
-    from .evaluation import evaluate
+    from ..evaluation import evaluate
+    from ..generation import TransformersGenerator
 
     if not trainer.accelerator.is_main_process:
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
-    was_training = model.training
-    summary = evaluate(
-        model,
+    generator = TransformersGenerator(model, trainer.processing_class, max_new_tokens=script_args.eval_max_new_tokens)
+    return evaluate(
+        generator,
         trainer.processing_class,
         eval_dataset,
         reward_funcs,
         limit=script_args.compare_before_after,
-        max_new_tokens=script_args.eval_max_new_tokens,
         correction_instruction=trainer.args.correction_instruction,
         batch_size=max(trainer.args.per_device_eval_batch_size, 8),
         num_attempts=trainer.args.num_attempts,
     )
-    model.train(was_training)
-    return summary
 
 
 DEMO_NOTE = (
@@ -280,11 +219,10 @@ DEMO_NOTE = (
 
 
 def format_before_after(before: dict, after: dict) -> str:
-    k = before.get("num_attempts", 2)
-    rows = [(f"Accuracy@t{t}", f"accuracy_t{t}") for t in range(1, k + 1)]
-    rows += [(f"Δ(t1,t{k})", "delta"), ("Δi→c", "incorrect_to_correct"), ("Δc→i", "correct_to_incorrect")]
-    lines = [f"Self-correction on {before['n']} problems (greedy)", f"{'':<14}{'before':>9}{'after':>9}"]
-    lines += [f"{label:<14}{before[key]:>9.3f}{after[key]:>9.3f}" for label, key in rows]
+    from .report import rows_for
+
+    lines = [f"Self-correction on {before['n']} problems (greedy)", f"{'':<34}{'before':>9}{'after':>9}"]
+    lines += [f"{label:<34}{before[key]:>9.3f}{after[key]:>9.3f}" for label, key in rows_for([before, after])]
     return "\n".join(lines)
 
 

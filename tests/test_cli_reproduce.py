@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from score_trl.arithmetic import WORDS, facts, make_splits, solve
-from score_trl.curves import moving_average, reward_series
+from score_trl.cli.arithmetic import WORDS, facts, make_splits, solve
+from score_trl.cli.curves import moving_average, reward_series
 from score_trl.rewards import last_number, numeric_reward
 
 
@@ -81,10 +81,9 @@ def test_reward_series_from_score_and_rloo_logs():
 def test_reproduction_recipes_parse(recipe):
     from pathlib import Path
 
-    from score_trl.reproduce import ARMS, make_parser
+    from score_trl.cli.reproduce import ARMS, parse_args
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / "reproduce" / recipe
-    (args,) = make_parser().parse_args_and_config(["--config", str(path)])
+    args = parse_args([str(Path(__file__).resolve().parents[1] / "recipes" / "reproduce" / recipe)])
     assert args.arms == ["base", "score", "rloo", "score_no_stage1", "score_alpha0"] and set(args.arms) == set(ARMS)
     assert (args.alpha, args.beta, args.beta2) == (10.0, 0.01, 0.1)  # the paper's
     assert 0 < args.stage_one_steps < args.max_steps and args.eval_split == "test" and args.n_test >= 300
@@ -93,7 +92,7 @@ def test_reproduction_recipes_parse(recipe):
 def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     """Every arm trains (2 steps) and is evaluated; the tables, curves and records come from files the run wrote, and
     a rerun replaces the chosen arms unless resuming."""
-    from score_trl.reproduce import ARMS, main, make_parser
+    from score_trl.cli.reproduce import ARMS, main, parse_args
 
     argv = [
         "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "out"),
@@ -101,7 +100,7 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
         "2", "--num_generations", "2", "--max_completion_length", "4", "--eval_max_new_tokens", "4",
         "--n_test", "12", "--n_validation", "6", "--eval_batch_size", "8",
     ]  # fmt: skip
-    (args,) = make_parser().parse_args_and_config(argv)
+    args = parse_args(argv)
     args.gguf_file = None
     output = main(args)
     for arm in ARMS:

@@ -8,7 +8,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .launch import adapter_kwargs, recipe_argv
+from .common import DataArguments, ModelSourceArguments, parse
 
 
 # Public benchmarks by short name: (hub id, config, split). A local file in the same format works via dataset_name.
@@ -21,8 +21,9 @@ BENCHMARKS = {
 
 
 @dataclass
-class EvalArguments:
-    """What to evaluate, how, and where the results go."""
+class EvalArguments(DataArguments, ModelSourceArguments):
+    """What to evaluate, how, and where the results go (the data and model-source options are shared with the other
+    entry points)."""
 
     output_dir: str = field(
         default="eval", metadata={"help": "Folder for records.jsonl (resumable), summary.json, table.md, plot.png."}
@@ -31,24 +32,9 @@ class EvalArguments:
     benchmark: str | None = field(
         default=None, metadata={"help": f"Public benchmark by name: {', '.join(BENCHMARKS)} (hub ids)."}
     )
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "A local .jsonl/.json/.csv file or hub id; overrides benchmark's data."}
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     split: str | None = field(default=None, metadata={"help": "Hub split (benchmark's default: test)."})
-    dataset_format: str | None = field(default=None, metadata={"help": "gsm8k, math, mbpp, humaneval or score."})
-    task: str | None = field(
-        default=None, metadata={"help": "math, code, short_answer or arithmetic (from the format if unset)."}
-    )
-    question_column: str | None = field(default=None, metadata={"help": "Question column of generic data."})
-    answer_column: str | None = field(default=None, metadata={"help": "Answer column of generic data."})
-    system_prompt: str | None = field(default=None, metadata={"help": "System prompt (folded in for Gemma)."})
     limit: int | None = field(default=None, metadata={"help": "Evaluate the first N problems only."})
     adapter: str | None = field(default=None, metadata={"help": "A LoRA adapter folder applied to the base model."})
-    gguf_file: str | None = field(
-        default=None, metadata={"help": "A GGUF file (path or package:NAME/FILE), converted once and cached."}
-    )
-    chat_template: str | None = field(default=None, metadata={"help": "Chat template: a .jinja path or trl:NAME."})
     backend: str = field(
         default="auto",
         metadata={
@@ -77,31 +63,31 @@ class EvalArguments:
     labels: list[str] | None = field(default=None, metadata={"help": "Labels of the compared runs."})
 
 
-def make_parser():
-    from trl import ModelConfig, TrlParser
+def parse_args(argv: list[str] | None = None):
+    """(EvalArguments, ModelConfig) from a recipe given first (or with --config) and command-line overrides."""
+    from trl import ModelConfig
 
-    return TrlParser((EvalArguments, ModelConfig))
+    return parse((EvalArguments, ModelConfig), argv)
 
 
 def load_model(eval_args, model_args):
-    """(model, tokenizer, generator) for the chosen backend."""
+    """(model or None, tokenizer, generator) for the chosen backend."""
     import torch
-    from transformers import AutoModelForCausalLM
     from trl import get_quantization_config
 
-    from .evaluation import TransformersGenerator, VLLMGenerator
-    from .models import convert_gguf, load_tokenizer
+    from ..generation import TransformersGenerator, VLLMGenerator
+    from ..models import resolve_model
 
-    path = convert_gguf(eval_args.gguf_file, chat_template=eval_args.chat_template) if eval_args.gguf_file else None
-    path = path or model_args.model_name_or_path
-    if not path:
-        raise ValueError("Set model_name_or_path (hub id or folder) or gguf_file.")
-    tokenizer = load_tokenizer(path, model_args.model_revision, chat_template=eval_args.chat_template)
+    path, tokenizer = resolve_model(
+        model_args.model_name_or_path, eval_args.gguf_file, eval_args.chat_template, model_args.model_revision
+    )
     quantization = get_quantization_config(model_args)
     backend = eval_args.backend
     if backend == "auto":
         vllm_ok = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
         backend = "vllm" if vllm_ok and not eval_args.adapter and quantization is None else "generate"
+    if backend not in ("vllm", "generate", "continuous_batching"):
+        raise ValueError(f"backend={backend!r}: choose auto, vllm, continuous_batching or generate.")
     sampling = dict(
         max_new_tokens=eval_args.max_new_tokens, do_sample=eval_args.do_sample, temperature=eval_args.temperature
     )
@@ -112,6 +98,16 @@ def load_model(eval_args, model_args):
 
         llm = LLM(model=path, tokenizer=path, dtype=model_args.dtype or "auto", revision=model_args.model_revision)
         return None, tokenizer, VLLMGenerator(llm, **sampling)
+    model = load_transformers_model(path, eval_args.adapter, model_args, quantization)
+    continuous = backend == "continuous_batching"
+    return model, tokenizer, TransformersGenerator(model, tokenizer, continuous=continuous, **sampling)
+
+
+def load_transformers_model(path: str, adapter: str | None, model_args, quantization):
+    """The model for transformers' generation, on the GPU when there is one, with the LoRA `adapter` applied."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(
         path,
         revision=model_args.model_revision,
@@ -120,62 +116,36 @@ def load_model(eval_args, model_args):
         quantization_config=quantization,
         device_map="auto" if torch.cuda.is_available() else None,
     )
-    if eval_args.adapter:
+    if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, eval_args.adapter)
-    if backend not in ("generate", "continuous_batching"):
-        raise ValueError(f"backend={backend!r}: choose auto, vllm, continuous_batching or generate.")
-    return (
-        model,
-        tokenizer,
-        TransformersGenerator(model, tokenizer, continuous=backend == "continuous_batching", **sampling),
-    )
+        model = PeftModel.from_pretrained(model, adapter)
+    return model
 
 
 def main(eval_args, model_args):
-    from .data import TASKS, load_score_dataset
-    from .evaluation import evaluate
+    from ..evaluation import evaluate
     from .report import compare_runs, markdown_table, write_report
-    from .rewards import get_reward_funcs
 
     if eval_args.compare:
         paths = compare_runs(eval_args.compare, eval_args.labels, eval_args.output_dir)
         print(paths["table"].read_text())
         return paths
-
-    if eval_args.benchmark and eval_args.benchmark not in BENCHMARKS:
-        raise ValueError(f"benchmark={eval_args.benchmark!r}: choose one of {sorted(BENCHMARKS)}.")
-    hub_id, config, split = BENCHMARKS.get(eval_args.benchmark, (None, None, "test"))
-    source = eval_args.dataset_name or hub_id
-    if not source:
-        raise ValueError("Set benchmark (gsm8k, math500, humaneval, mbpp) or dataset_name (a file or hub id).")
-
-    if eval_args.num_attempts < 2:
-        raise ValueError(f"num_attempts={eval_args.num_attempts}: evaluate at least 2 attempts (y1 and a correction).")
+    check_eval_args(eval_args)
     model, tokenizer, generator = load_model(eval_args, model_args)
-    dataset = load_score_dataset(
-        source,
-        split=eval_args.split or split,
-        config_name=eval_args.dataset_config or (config if not eval_args.dataset_name else None),
-        limit=eval_args.limit,
-        **adapter_kwargs(eval_args, tokenizer),
-    )
-    reward_funcs = get_reward_funcs(eval_args.reward_funcs or [TASKS[dataset[0]["task"]].reward])
+    dataset, reward_funcs = load_data(eval_args, tokenizer)
     output_dir = Path(eval_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = evaluate(
-        model,
+        generator,
         tokenizer,
         dataset,
         reward_funcs,
         output_jsonl=output_dir / "records.jsonl",
         batch_size=eval_args.batch_size,
         correction_instruction=eval_args.correction_instruction,
-        do_sample=eval_args.do_sample,
         num_samples=eval_args.num_samples,
         threshold=eval_args.correct_threshold,
-        generator=generator,
         num_attempts=eval_args.num_attempts,
     )
     label = eval_args.label or Path(eval_args.adapter or model_args.model_name_or_path or eval_args.gguf_file).name
@@ -184,8 +154,39 @@ def main(eval_args, model_args):
     return paths
 
 
+def check_eval_args(eval_args):
+    """Settings that cannot work, refused before anything loads."""
+    if eval_args.benchmark and eval_args.benchmark not in BENCHMARKS:
+        raise ValueError(f"benchmark={eval_args.benchmark!r}: choose one of {sorted(BENCHMARKS)}.")
+    if not eval_args.dataset_name and not eval_args.benchmark:
+        raise ValueError("Set benchmark (gsm8k, math500, humaneval, mbpp) or dataset_name (a file or hub id).")
+    if eval_args.num_attempts < 2:
+        raise ValueError(f"num_attempts={eval_args.num_attempts}: evaluate at least 2 attempts (y1 and a correction).")
+    if eval_args.num_samples > 1 and not eval_args.do_sample:
+        raise ValueError(
+            f"num_samples={eval_args.num_samples} with greedy decoding repeats identical attempts: set do_sample "
+            "true to sample each problem several times, or num_samples 1."
+        )
+
+
+def load_data(eval_args, tokenizer):
+    """(dataset, reward functions): the benchmark's or dataset_name's rows, and the task's reward unless given."""
+    from ..data import TASKS, load_score_dataset
+    from ..rewards import get_reward_funcs
+
+    hub_id, config, split = BENCHMARKS.get(eval_args.benchmark, (None, None, "test"))
+    dataset = load_score_dataset(
+        eval_args.dataset_name or hub_id,
+        split=eval_args.split or split,
+        config_name=eval_args.dataset_config or (config if not eval_args.dataset_name else None),
+        limit=eval_args.limit,
+        **eval_args.adapter_kwargs(tokenizer),
+    )
+    return dataset, get_reward_funcs(eval_args.reward_funcs or [TASKS[dataset[0]["task"]].reward])
+
+
 def cli(argv: list[str] | None = None):
-    main(*make_parser().parse_args_and_config(recipe_argv(argv)))
+    main(*parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""Generators for evaluation: callables from prompt token ids to completion token ids, and the multi-attempt rollout
+built on them with the correction turn spliced in as token ids, exactly as in training (`score_trl.turns`)."""
+
+from collections.abc import Callable
+
+import torch
+from transformers import GenerationConfig
+from trl.trainer.utils import pad
+
+from .models import id_list
+from .turns import find_turn_bridge, next_attempt_prompts
+
+
+Generator = Callable[[list[list[int]]], list[list[int]]]
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: the model's generation EOS ids plus the tokenizer's EOS (as RLOOTrainer does)."""
+    ids = id_list(model.generation_config.eos_token_id)
+    return ids if tokenizer.eos_token_id in ids else [tokenizer.eos_token_id, *ids]
+
+
+class TransformersGenerator:
+    """Greedy or sampled generation with transformers: padded `generate`, or continuous batching (`generate_batch`).
+    The model samples in eval mode (no dropout) and is put back in the mode it was in."""
+
+    def __init__(self, model, tokenizer, max_new_tokens=256, do_sample=False, temperature=1.0, continuous=False):
+        self.model, self.tokenizer, self.continuous = model, tokenizer, continuous
+        self.stop_ids = eos_token_ids(model, tokenizer)
+        self.config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=self.stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    @torch.no_grad()
+    def __call__(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            rows = self._continuous(prompt_ids) if self.continuous else self._padded(prompt_ids)
+        finally:
+            self.model.train(was_training)
+        completions = []
+        for row in rows:  # keep up to and including the first EOS, as the trainer does
+            end = next((i for i, token in enumerate(row) if token in self.stop_ids), None)
+            completions.append(list(row) if end is None else list(row[: end + 1]))
+        return completions
+
+    def _continuous(self, prompt_ids):
+        outputs = self.model.generate_batch(prompt_ids, generation_config=self.config, progress_bar=False)
+        return [outputs[key].generated_tokens for key in outputs]
+
+    def _padded(self, prompt_ids):
+        prompts = [torch.tensor(p) for p in prompt_ids]
+        input_ids = pad(prompts, self.tokenizer.pad_token_id, "left").to(self.model.device)
+        attention_mask = pad([torch.ones_like(p) for p in prompts], 0, "left").to(self.model.device)
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=self.config)
+        return output[:, input_ids.size(1) :].tolist()
+
+
+class VLLMGenerator:
+    """Generation with vLLM from token ids (prompts are never re-tokenized, as in training)."""
+
+    def __init__(self, llm, max_new_tokens=256, do_sample=False, temperature=1.0):
+        from vllm import SamplingParams
+
+        self.llm = llm
+        self.params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0)
+
+    def __call__(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], self.params, use_tqdm=False
+        )
+        return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+def generate_attempts(
+    generator: Generator,
+    tokenizer,
+    prompts: list[list[dict]],
+    instructions: list[str],
+    chat_template_kwargs: dict | None = None,
+    num_attempts: int = 2,
+) -> list[list[list[int]]]:
+    """`num_attempts` attempts (token ids) for a batch of conversational prompts; each later attempt's prompt is built
+    from the previous attempts' ids exactly as in training. Returns `attempts[t][i]`."""
+    kwargs = chat_template_kwargs or {}
+    context = tokenizer.apply_chat_template(
+        prompts, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs
+    )["input_ids"]
+    bridges = {text: find_turn_bridge(tokenizer, text, kwargs) for text in set(instructions)}
+    attempts = [generator(context)]
+    for _ in range(num_attempts - 1):
+        _, context = next_attempt_prompts(context, attempts[-1], [bridges[text] for text in instructions])
+        attempts.append(generator(context))
+    return attempts

@@ -1,0 +1,99 @@
+"""Self-correction statistics: the paper's Acc@t1, Acc@t2, Δ, Δi→c, Δc→i (for K attempts), how much a later attempt
+edits the one before, and their 95% intervals. One module for training logs, evaluation, reports and the reproduction.
+
+Keys (documented once, in the README's metrics table):
+- `accuracy_t{t}`: share of rows whose attempt t is correct (reward >= threshold);
+- `delta`, `incorrect_to_correct`, `correct_to_incorrect`: between the first and the last attempt (the paper's
+  Δ(t1,t2) for K = 2), so `delta == incorrect_to_correct - correct_to_incorrect`;
+- `incorrect_to_correct_t{t}_t{u}`, `correct_to_incorrect_t{t}_t{u}`: each consecutive pair, when K > 2;
+- `reward_delta`: mean r_K − r_1;
+- `no_edit`, `mean_edit_distance`: the last attempt against the one before it.
+"""
+
+import math
+import random
+
+import torch
+
+
+def transition_key(kind: str, t: int, u: int, num_attempts: int) -> str:
+    """The key of a transition ("incorrect_to_correct" or "correct_to_incorrect") from attempt t to attempt u
+    (1-based): the bare name for first → last, else suffixed `_t{t}_t{u}`."""
+    return kind if (t, u) == (1, num_attempts) else f"{kind}_t{t}_t{u}"
+
+
+def transition_pairs(num_attempts: int) -> list[tuple[int, int]]:
+    """(t, u) pairs that get keys: first → last, then each consecutive pair when there are more than two attempts."""
+    consecutive = [(t, t + 1) for t in range(1, num_attempts)] if num_attempts > 2 else []
+    return [(1, num_attempts), *consecutive]
+
+
+def as_reward_matrix(rewards) -> torch.Tensor:
+    """(N, K) float64 rewards from a tensor or nested lists; None becomes NaN (unscorable)."""
+    if isinstance(rewards, torch.Tensor):
+        return rewards.double()
+    return torch.tensor([[math.nan if r is None else float(r) for r in row] for row in rewards], dtype=torch.float64)
+
+
+def self_correction_stats(rewards, threshold: float) -> dict[str, float]:
+    """Statistics over the rows of (N, K) rewards [r1, ..., rK] where every attempt is scorable (not NaN / None).
+
+    Shares are over the scorable rows; every value is NaN when there is none."""
+    r = as_reward_matrix(rewards)
+    r = r[~torch.isnan(r).any(dim=1)]
+    num_attempts = r.size(1)
+    correct = r >= threshold
+    stats = {f"accuracy_t{t + 1}": correct[:, t].double().mean().item() for t in range(num_attempts)}
+    stats["delta"] = (correct[:, -1].double() - correct[:, 0].double()).mean().item()
+    for t, u in transition_pairs(num_attempts):
+        before, after = correct[:, t - 1], correct[:, u - 1]
+        stats[transition_key("incorrect_to_correct", t, u, num_attempts)] = (~before & after).double().mean().item()
+        stats[transition_key("correct_to_incorrect", t, u, num_attempts)] = (before & ~after).double().mean().item()
+    stats["reward_delta"] = (r[:, -1] - r[:, 0]).mean().item()
+    return stats
+
+
+def edit_stats(previous: list[str], last: list[str]) -> dict[str, float]:
+    """How the last attempt differs from the one before: `no_edit` (the same text, whitespace aside) and
+    `mean_edit_distance` (characters). NaN without rows."""
+    n = len(last)
+    if n == 0:
+        return {"no_edit": math.nan, "mean_edit_distance": math.nan}
+    pairs = list(zip(previous, last, strict=True))
+    return {
+        "no_edit": sum(a.strip() == b.strip() for a, b in pairs) / n,
+        "mean_edit_distance": sum(edit_distance(a, b) for a, b in pairs) / n,
+    }
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance between two strings (characters)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_interval(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of a mean (used for Δ, a difference of paired proportions)."""
+    if not values:
+        return (math.nan, math.nan)
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(draws))
+    return (means[int(0.025 * draws)], means[int(0.975 * draws) - 1])
