@@ -75,6 +75,9 @@ class SCoReConfig(RLOOConfig):
         preemption_signals (`list[str]`, *optional*, defaults to `["SIGTERM", "SIGUSR1"]`):
             Signals on which every rank finishes the current optimizer step, saves a complete checkpoint and exits with
             status 75 (`score_trl.preemption`). `[]` leaves the signals' default handling.
+        compile_generation (`bool`, *optional*, defaults to `False`):
+            Compile the decoding step (with `cache_implementation="static"`); RLOOTrainer disables compilation. Takes
+            effect on GPUs, where transformers compiles; the rollout is the same tokens either way.
         logprob_batch_size (`int`, *optional*):
             Rows per forward in the no-grad log-prob passes (reference model and, when off-policy, the sampling
             policy). `None` uses `per_device_train_batch_size` (`per_device_eval_batch_size` in evaluation).
@@ -160,6 +163,14 @@ class SCoReConfig(RLOOConfig):
             "handlers."
         },
     )
+    compile_generation: bool = field(
+        default=False,
+        metadata={
+            "help": "Let transformers compile the decoding step (torch.compile, CUDA graphs) with "
+            "cache_implementation='static'. RLOOTrainer always disables it; it is a GPU speed-up (on CPU transformers "
+            "does not compile, and the flag changes nothing)."
+        },
+    )
     correct_threshold: float = field(
         default=0.5,
         metadata={
@@ -200,6 +211,12 @@ class SCoReConfig(RLOOConfig):
             raise ValueError(f"max_unscorable_steps={self.max_unscorable_steps}: use 0 (never stop) or a count > 0.")
         if self.logprob_batch_size is not None and self.logprob_batch_size < 1:
             raise ValueError(f"logprob_batch_size={self.logprob_batch_size}: set a positive number of rows, or None.")
+        if self.compile_generation and self.cache_implementation != "static":
+            raise ValueError(
+                f"compile_generation=True with cache_implementation={self.cache_implementation!r}: transformers "
+                "compiles decoding only over a fixed-size cache. Set cache_implementation='static', or drop "
+                "compile_generation."
+            )
         if self.reward_timeout is not None and self.reward_timeout <= 0:
             raise ValueError(f"reward_timeout={self.reward_timeout}: give seconds > 0, or None for no limit.")
         unknown = [s for s in self.preemption_signals if not isinstance(getattr(signal, s, None), signal.Signals)]

@@ -174,6 +174,8 @@ class SCoReTrainer(RLOOTrainer):
             processing_class=processing_class,
             **kwargs,
         )
+        if args.compile_generation and getattr(self, "generation_config", None) is not None:  # RLOO: disable_compile
+            self.generation_config.disable_compile = False
         self._bridges = {default_instruction: bridge}
         self._unscorable_streak = 0
         # Rows of the completions table, sized like RLOO's to the latest generation batch

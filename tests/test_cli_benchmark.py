@@ -7,19 +7,20 @@ import pytest
 from score_trl.cli.benchmark import cli
 
 
-def check(result, rows, tokens):
-    for arm in ("SCoRe", "RLOO"):
+def check(result, rows, tokens, steps=2, score="SCoRe", rloo="RLOO"):
+    for arm in (score, rloo):
         figures = result["arms"][arm]
-        assert len(figures["steps"]) == 2 and figures["step_min_s"] > 0 and figures["peak_memory_gib"] > 0
+        assert len(figures["steps"]) == steps and figures["step_min_s"] > 0 and figures["peak_memory_gib"] > 0
         # Every completion runs to full length: rows x 2 attempts x tokens == rows x (2 x tokens)
         assert figures["generated_tokens_per_step"] == rows * 2 * tokens
-    assert result["ratio"] == pytest.approx(
-        result["arms"]["SCoRe"]["step_median_s"] / result["arms"]["RLOO"]["step_median_s"]
-    )
+        generation = sum(per_arm[arm]["median_s"] for p, per_arm in result["phases"].items() if p.startswith("gen"))
+        assert figures["decode_ms_per_step"] == pytest.approx(1000 * generation / (2 * tokens))
+    ratio = result["ratios"][score.replace("SCoRe", "SCoRe/RLOO")]
+    assert ratio == pytest.approx(result["arms"][score]["step_median_s"] / result["arms"][rloo]["step_median_s"])
     phases = result["phases"]
     assert {"generate attempt 1", "generate attempt 2", "forward (grad)", "backward", "rewards"} <= set(phases)
-    assert phases["generate attempt 2"]["RLOO"]["median_s"] == 0.0  # RLOO generates once, at twice the length
-    assert phases["log-probs (no grad)"]["SCoRe"]["median_s"] > 0  # the reference pass
+    assert phases["generate attempt 2"][rloo]["median_s"] == 0.0  # RLOO generates once, at twice the length
+    assert phases["log-probs (no grad)"][score]["median_s"] > 0  # the reference pass
 
 
 def test_benchmark_on_a_local_model(tmp_path, tiny_model_dir, capsys):
@@ -43,3 +44,17 @@ def test_gpu_mode_runs_on_cpu_in_its_smallest_configuration(tmp_path):
     result = json.loads(output.read_text())
     check(result, rows=4, tokens=4)
     assert result["arms"]["SCoRe"]["step_memory_gib"] is None  # RSS is a high-water mark without --exact_memory
+
+
+def test_generation_backends_side_by_side(tmp_path, tiny_model_dir, capsys):
+    output = tmp_path / "bench.json"
+    backends = ["generate", "static", "continuous_batching"]
+    cli(["--model", tiny_model_dir, "--rows", "4", "--num_generations", "2", "--tokens", "4", "--steps", "1",
+         "--warmup", "0", "--lora_r", "4", "--backends", *backends, "--output_json", str(output)])  # fmt: skip
+    result = json.loads(output.read_text())
+    for backend in backends:  # every backend generates the same number of tokens, in both arms
+        check(result, rows=4, tokens=4, steps=1, score=f"SCoRe [{backend}]", rloo=f"RLOO [{backend}]")
+    ratios = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert [line.split(":")[0] for line in ratios] == [f"ratio SCoRe/RLOO [{b}]" for b in backends]
+    with pytest.raises(ValueError, match=r"backends=\['vllm'\]: \['vllm'\] unknown"):
+        cli(["--model", tiny_model_dir, "--backends", "vllm"])

@@ -33,6 +33,9 @@ def test_paper_defaults(tmp_path):
         (dict(stage_one_steps=-3), "stage_one_steps=-3 is negative"),
         (dict(beta=0.0, beta2=0.1, stage_one_steps=5), "beta=0 makes RLOOTrainer skip the reference model"),
         (dict(correction_instruction="  "), "correction_instruction is empty"),
+        (dict(compile_generation=True), "compile_generation=True with cache_implementation=None.*'static'"),
+        (dict(reward_timeout=-1.0), "reward_timeout=-1.0: give seconds > 0"),
+        (dict(preemption_signals=["SIGTERM", "SIGNOPE"]), r"\['SIGNOPE'\] are not signal names"),
         (
             dict(gradient_accumulation_steps=1, steps_per_generation=2, stage_one_steps=3),
             "stage_one_steps=3 does not fall on a generation boundary.*every 2 steps: set stage_one_steps=2 or 4",

@@ -13,21 +13,22 @@ from score_trl.turns import instruction_for, next_attempt_prompts
 from conftest import grouped_inputs, letter_reward, make_args, make_trainer, toy_dataset, toy_question
 
 
+# Each generation backend (TRL 1.16's own knobs) must keep the rollout exact: same layout, same log-probs
+BACKENDS = {
+    "generate": {},
+    "static_cache": {"cache_implementation": "static", "compile_generation": True},  # compiles on GPUs only
+    "continuous_batching": {"use_transformers_continuous_batching": True},
+}
+
+
 @pytest.mark.parametrize(
-    "continuous_batching, num_attempts",
-    [(False, 2), (True, 2), (False, 3)],
-    ids=["generate", "continuous_batching", "three_attempts"],
+    "backend, num_attempts",
+    [("generate", 2), ("static_cache", 2), ("continuous_batching", 2), ("generate", 3)],
+    ids=["generate", "static_cache", "continuous_batching", "three_attempts"],
 )
-def test_rollout_layout_keeps_sampled_first_attempt(
-    tmp_path, tiny_model_dir, tokenizer, continuous_batching, num_attempts
-):
+def test_rollout_layout_keeps_sampled_first_attempt(tmp_path, tiny_model_dir, tokenizer, backend, num_attempts):
     trainer = make_trainer(
-        tmp_path,
-        tiny_model_dir,
-        tokenizer,
-        max_completion_length=6,
-        use_transformers_continuous_batching=continuous_batching,
-        num_attempts=num_attempts,
+        tmp_path, tiny_model_dir, tokenizer, max_completion_length=6, num_attempts=num_attempts, **BACKENDS[backend]
     )
     trainer.model.train()
     inputs = grouped_inputs(trainer)
@@ -57,9 +58,14 @@ def test_rollout_layout_keeps_sampled_first_attempt(
         assert list(logs[f"reward_{t}"]) == pytest.approx(rescored)
 
 
-def test_turn_two_logps_match_generation_logits(tmp_path, tiny_model_dir, tokenizer):
+@pytest.mark.parametrize("backend", ["generate", "static_cache"])
+def test_turn_two_logps_match_generation_logits(tmp_path, tiny_model_dir, tokenizer, backend):
     temperature = 0.7
-    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, temperature=temperature, max_completion_length=10)
+    trainer = make_trainer(
+        tmp_path, tiny_model_dir, tokenizer, temperature=temperature, max_completion_length=10, **BACKENDS[backend]
+    )
+    assert trainer.generation_config.cache_implementation == BACKENDS[backend].get("cache_implementation")
+    assert trainer.generation_config.disable_compile is not BACKENDS[backend].get("compile_generation", False)
     model = trainer.model.eval()
     questions = [toy_question("cat"), "Say red.", toy_question("green") + " " + toy_question("moon"), "Say one two."]
     prompts = [[{"role": "user", "content": q}] for q in questions]

@@ -55,6 +55,20 @@ GEMMA2_TINY = {**GEMMA2_2B, **dict(hidden_size=64, intermediate_size=128, num_hi
                                    num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32)}  # fmt: skip
 
 
+# Generation backends, as TRL 1.16's own knobs (plus SCoReConfig.compile_generation, which RLOOTrainer lacks and the
+# benchmark applies to both arms): the config settings each one needs
+BACKENDS = {
+    "generate": {},
+    "static": {"cache_implementation": "static"},
+    "static_compiled": {"cache_implementation": "static", "compile_generation": True},
+    "continuous_batching": {"use_transformers_continuous_batching": True},
+    "continuous_batching_cuda_graphs": {
+        "use_transformers_continuous_batching": True,
+        "transformers_continuous_batching_config": {"use_cuda_graph": True},
+    },
+}
+
+
 class Recorder:
     """Wall time per (arm, phase) and per step; peak memory per arm and phase."""
 
@@ -259,9 +273,9 @@ def make_trainers(args, model_path, tokenizer, recorder, workdir):
     )
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
     trainers = {}
-    for arm in args.arms:
-        config, cls = arm_config(arm, args, workdir, common)
-        trainers[arm] = timed_trainer(cls, recorder)(
+    for label, arm, backend in args.runs():
+        config, cls = arm_config(arm, args, workdir, common | backend_settings(arm, backend))
+        trainer = trainers[label] = timed_trainer(cls, recorder)(
             model_path,
             reward_funcs=exact_match_reward,
             args=config,
@@ -270,10 +284,20 @@ def make_trainers(args, model_path, tokenizer, recorder, workdir):
             peft_config=lora,
             callbacks=[recorder.callback()],
         )
+        if BACKENDS[backend].get("compile_generation"):  # RLOOTrainer has no such setting; SCoReTrainer did this
+            trainer.generation_config.disable_compile = False
         for printer in (PrinterCallback, ProgressCallback):  # the table below is the output
-            trainers[arm].remove_callback(printer)
-        time_backward(trainers[arm], recorder)
+            trainer.remove_callback(printer)
+        time_backward(trainer, recorder)
     return trainers
+
+
+def backend_settings(arm: str, backend: str) -> dict:
+    """The config settings of `backend` that `arm`'s config class takes."""
+    settings = dict(BACKENDS[backend])
+    if arm == "RLOO":
+        settings.pop("compile_generation", None)
+    return settings
 
 
 def arm_config(arm: str, args, workdir: Path, common: dict):
@@ -316,7 +340,9 @@ def time_backward(trainer, recorder: Recorder):
     trainer.accelerator.backward = timed_backward
 
 
-def summarize(recorder: Recorder, arms: list[str], cuda: bool, exact_memory: bool = True) -> dict:
+def summarize(recorder: Recorder, arms: list[str], cuda: bool, exact_memory: bool = True, decode_steps=None) -> dict:
+    """Figures per arm (label) and per phase. With `decode_steps` (sequential decode steps per optimizer step: attempts
+    × tokens), also the milliseconds per decode step: the generation phases' median time divided by it."""
     result = {"arms": {}, "phases": {}}
     for arm in arms:
         times, tokens = recorder.step_times[arm], recorder.tokens[arm]
@@ -330,6 +356,12 @@ def summarize(recorder: Recorder, arms: list[str], cuda: bool, exact_memory: boo
             "step_memory_gib": max(recorder.above_idle[arm]) / 2**30 if exact_memory else None,
             "steps": times,
         }
+        if decode_steps:
+            generation = sum(
+                statistics.median(seconds) for (a, phase), seconds in recorder.phase_times.items()
+                if a == arm and phase.startswith("generate")
+            )  # fmt: skip
+            result["arms"][arm]["decode_ms_per_step"] = 1000 * generation / decode_steps
     phases = sorted({p for (_, p) in recorder.phase_times})
     for phase in phases:
         result["phases"][phase] = {
@@ -339,23 +371,29 @@ def summarize(recorder: Recorder, arms: list[str], cuda: bool, exact_memory: boo
             }
             for arm in arms
         }
-    if len(arms) == 2:
-        result["ratio"] = result["arms"][arms[0]]["step_median_s"] / result["arms"][arms[1]]["step_median_s"]
+    # One SCoRe/RLOO ratio per backend: "SCoRe/RLOO" alone, or "SCoRe/RLOO [backend]"
+    median = {arm: result["arms"][arm]["step_median_s"] for arm in arms}
+    result["ratios"] = {
+        score.replace("SCoRe", "SCoRe/RLOO", 1): median[score] / median[score.replace("SCoRe", "RLOO", 1)]
+        for score in arms
+        if score.startswith("SCoRe") and score.replace("SCoRe", "RLOO", 1) in median
+    }
     result["memory"] = "torch.cuda.max_memory_allocated" if cuda else "process RSS"
     return result
 
 
 def format_table(result: dict, arms: list[str]) -> str:
     lines = [
-        f"| arm | step min (s) | step median (s) | generated tokens/step | tokens/s | peak memory (GiB, "
-        f"{result['memory']}) | of which the step's (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        f"| arm | step min (s) | step median (s) | generated tokens/step | tokens/s | ms per decode step | peak "
+        f"memory (GiB, {result['memory']}) | of which the step's (GiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
         a = result["arms"][arm]
         lines.append(
             f"| {arm} | {a['step_min_s']:.2f} | {a['step_median_s']:.2f} | {a['generated_tokens_per_step']:.0f} | "
-            f"{a['tokens_per_s']:.1f} | {a['peak_memory_gib']:.2f} | "
+            f"{a['tokens_per_s']:.1f} | {a.get('decode_ms_per_step', float('nan')):.1f} | "
+            f"{a['peak_memory_gib']:.2f} | "
             + ("–" if a["step_memory_gib"] is None else f"{a['step_memory_gib']:.2f}")
             + " |"
         )
@@ -363,8 +401,7 @@ def format_table(result: dict, arms: list[str]) -> str:
     for phase, per_arm in result["phases"].items():
         cells = [f"{per_arm[a]['median_s']:.2f} ({per_arm[a]['peak_memory_gib']:.2f})" for a in arms]
         lines.append(f"| {phase} | " + " | ".join(cells) + " |")
-    if "ratio" in result:
-        lines += ["", f"ratio {arms[0]}/{arms[1]}: {result['ratio']:.3f}"]
+    lines += [""] * bool(result["ratios"]) + [f"ratio {name}: {ratio:.3f}" for name, ratio in result["ratios"].items()]
     return "\n".join(lines)
 
 
@@ -394,6 +431,14 @@ class BenchmarkArguments:
     arms: list[str] = field(
         default_factory=lambda: ["SCoRe", "RLOO"], metadata={"help": "Arms to run, in order: SCoRe, RLOO or both."}
     )
+    backends: list[str] = field(
+        default_factory=lambda: ["generate"],
+        metadata={
+            "help": f"Generation backends, each run by every arm: {', '.join(BACKENDS)} (TRL's knobs: padded "
+            "generate; a static KV cache, also with compiled decoding; transformers continuous batching, also with "
+            "CUDA graphs)."
+        },
+    )
     output_json: str | None = field(default=None, metadata={"help": "Also write the figures to this file."})
 
     def __post_init__(self):
@@ -404,6 +449,17 @@ class BenchmarkArguments:
         unknown = sorted(set(self.arms) - {"SCoRe", "RLOO"})
         if unknown:
             raise ValueError(f"arms={self.arms}: {unknown} unknown; use SCoRe, RLOO or both.")
+        unknown = sorted(set(self.backends) - set(BACKENDS))
+        if unknown:
+            raise ValueError(f"backends={self.backends}: {unknown} unknown; use some of {list(BACKENDS)}.")
+
+    def runs(self) -> list[tuple[str, str, str]]:
+        """(label, arm, backend) of every trainer; the label is the arm alone when one backend is measured."""
+        return [
+            (arm if len(self.backends) == 1 else f"{arm} [{backend}]", arm, backend)
+            for backend in self.backends
+            for arm in self.arms
+        ]
 
 
 def parse_args(argv=None) -> BenchmarkArguments:
@@ -434,12 +490,13 @@ def run(args) -> dict:
         workdir = Path(tmp)
         model_path, tokenizer = build_model_dir(args.model, args.tiny, workdir)
         trainers = make_trainers(args, model_path, tokenizer, recorder, workdir)
+        labels = [label for label, _, _ in args.runs()]
         for round_ in range(args.warmup + args.steps):
-            order = args.arms if round_ % 2 == 0 else args.arms[::-1]  # alternate which arm goes first
-            for arm in order:
-                recorder.step(arm, round_ >= args.warmup, trainers[arm].train)
+            for label in labels if round_ % 2 == 0 else labels[::-1]:  # alternate which arm goes first
+                recorder.step(label, round_ >= args.warmup, trainers[label].train)
     recorder.close()
-    result = summarize(recorder, args.arms, cuda, exact_memory=cuda or args.exact_memory)
+    decode_steps = args.num_attempts * args.tokens  # EOS is suppressed: every completion runs to full length
+    result = summarize(recorder, labels, cuda, cuda or args.exact_memory, decode_steps)
     result["settings"] = {k: v for k, v in asdict(args).items() if k != "output_json"}
     result["threads"] = None if cuda else torch.get_num_threads()
     result["device"] = torch.cuda.get_device_name() if cuda else "cpu"
@@ -449,7 +506,7 @@ def run(args) -> dict:
 def cli(argv=None):
     args = parse_args(argv)
     result = run(args)
-    print(format_table(result, args.arms))
+    print(format_table(result, [label for label, _, _ in args.runs()]))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result, indent=1))
     return result
