@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 		|| echo "warning: bubblewrap is missing; code rewards will refuse to run (see README, Data and rewards)"
 	touch $@
 
-.PHONY: install demo test reproduce
+.PHONY: install demo test reproduce gpu-bundle
 install: $(VENV)/.installed
 
 # SCoRe on SmolLM2-135M-Instruct (CPU, offline): accuracy of first and second attempts before and after training
@@ -34,3 +34,8 @@ reproduce: install
 
 test: install
 	$(PY) -m pytest -q
+
+# What a stock CUDA PyTorch image lacks for scripts/gpu_check.py (wheels, a slim bitsandbytes, DeepSpeed's source, the
+# Gemma 3 tokenizer, GSM8K rows), in the ignored folder .gpu_bundle (under 45 MB); see docs/benchmarks.md, GPU
+gpu-bundle: install
+	$(PY) scripts/gpu_bundle.py --output .gpu_bundle

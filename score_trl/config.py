@@ -78,6 +78,10 @@ class SCoReConfig(RLOOConfig):
         compile_generation (`bool`, *optional*, defaults to `False`):
             Compile the decoding step (with `cache_implementation="static"`); RLOOTrainer disables compilation. Takes
             effect on GPUs, where transformers compiles; the rollout is the same tokens either way.
+        generation_weights (`str`, *optional*, defaults to `"policy"`):
+            `"policy"` samples from the training model; `"merged"` from a copy of the base in the training dtype with
+            the LoRA adapter merged in, rebuilt after every optimizer step (`score_trl.merged_generation`): for 4-bit
+            models, decoding then runs at bf16 speed. PEFT models only; costs a second copy of the weights.
         logprob_batch_size (`int`, *optional*):
             Rows per forward in the no-grad log-prob passes (reference model and, when off-policy, the sampling
             policy). `None` uses `per_device_train_batch_size` (`per_device_eval_batch_size` in evaluation).
@@ -171,6 +175,15 @@ class SCoReConfig(RLOOConfig):
             "does not compile, and the flag changes nothing)."
         },
     )
+    generation_weights: str = field(
+        default="policy",
+        metadata={
+            "help": "policy: sample from the training model, as RLOO does. merged: sample (padded generate) from a "
+            "copy of the base in the training dtype with the LoRA adapter merged in, rebuilt after every optimizer "
+            "step: for 4-bit (QLoRA) models, decoding then skips bitsandbytes' dequantization. PEFT only; costs a "
+            "second copy of the weights."
+        },
+    )
     correct_threshold: float = field(
         default=0.5,
         metadata={
@@ -216,6 +229,13 @@ class SCoReConfig(RLOOConfig):
                 f"compile_generation=True with cache_implementation={self.cache_implementation!r}: transformers "
                 "compiles decoding only over a fixed-size cache. Set cache_implementation='static', or drop "
                 "compile_generation."
+            )
+        if self.generation_weights not in ("policy", "merged"):
+            raise ValueError(f"generation_weights={self.generation_weights!r}: use 'policy' or 'merged'.")
+        if self.generation_weights == "merged" and (self.use_vllm or self.use_transformers_continuous_batching):
+            raise ValueError(
+                "generation_weights='merged' samples with padded generate from a merged copy; it does not combine "
+                "with use_vllm or use_transformers_continuous_batching (vLLM already holds merged weights)."
             )
         if self.reward_timeout is not None and self.reward_timeout <= 0:
             raise ValueError(f"reward_timeout={self.reward_timeout}: give seconds > 0, or None for no limit.")

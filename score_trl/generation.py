@@ -45,22 +45,29 @@ class TransformersGenerator:
             rows = self._continuous(prompt_ids) if self.continuous else self._padded(prompt_ids)
         finally:
             self.model.train(was_training)
-        completions = []
-        for row in rows:  # keep up to and including the first EOS, as the trainer does
-            end = next((i for i, token in enumerate(row) if token in self.stop_ids), None)
-            completions.append(list(row) if end is None else list(row[: end + 1]))
-        return completions
+        return cut_at_stop([list(row) for row in rows], self.stop_ids)
 
     def _continuous(self, prompt_ids):
         outputs = self.model.generate_batch(prompt_ids, generation_config=self.config, progress_bar=False)
         return [outputs[key].generated_tokens for key in outputs]
 
     def _padded(self, prompt_ids):
-        prompts = [torch.tensor(p) for p in prompt_ids]
-        input_ids = pad(prompts, self.tokenizer.pad_token_id, "left").to(self.model.device)
-        attention_mask = pad([torch.ones_like(p) for p in prompts], 0, "left").to(self.model.device)
-        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=self.config)
-        return output[:, input_ids.size(1) :].tolist()
+        return sample_padded(self.model, prompt_ids, self.config, self.tokenizer.pad_token_id)
+
+
+def sample_padded(model, prompt_ids, generation_config, pad_token_id, pad_to_multiple_of=None) -> list[list[int]]:
+    """`generate` on left-padded prompts; the new tokens of each row (cut at the first EOS by the caller)."""
+    prompts = [torch.tensor(p) for p in prompt_ids]
+    input_ids = pad(prompts, pad_token_id, "left", pad_to_multiple_of).to(model.device)
+    attention_mask = pad([torch.ones_like(p) for p in prompts], 0, "left", pad_to_multiple_of).to(model.device)
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
+    return output[:, input_ids.size(1) :].tolist()
+
+
+def cut_at_stop(rows: list[list[int]], stop_ids) -> list[list[int]]:
+    """Each row up to and including its first stop token (all of it when none), as RLOOTrainer keeps completions."""
+    stops = set(stop_ids)
+    return [row[: next((i + 1 for i, token in enumerate(row) if token in stops), len(row))] for row in rows]
 
 
 class VLLMGenerator:

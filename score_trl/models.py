@@ -8,6 +8,7 @@ from pathlib import Path
 
 import trl
 from filelock import FileLock
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
@@ -89,7 +90,16 @@ def _convert(path: Path, target: Path, chat_template: str | None):
     if chat_template is not None:  # a turn of the new template must end generation, as in instruct models
         _stop_at_end_of_turn(model, tokenizer)
     partial = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(partial)
+    # Not model.save_pretrained: inside a process group transformers writes weights from rank 0 only, and whichever
+    # rank holds the lock converts. The layout is save_pretrained's: a tied LM head is stored once, as the embedding.
+    partial.mkdir(parents=True)
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    if model.config.get_text_config().tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(partial)
+    model.generation_config.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     partial.replace(target)  # atomic under the lock: an interrupted conversion never leaves a half-written folder
 

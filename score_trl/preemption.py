@@ -66,18 +66,24 @@ class PreemptionCallback(TrainerCallback):
 
 
 def exit_after_preemption(trainer):
-    """End the process with `PREEMPTED_EXIT_CODE` once the checkpoint is written.
+    """End the process with `PREEMPTED_EXIT_CODE` once the checkpoint is written (see `end_process`)."""
+    end_process(trainer, PREEMPTED_EXIT_CODE)
+
+
+def end_process(trainer, status: int = 0):
+    """Finish the trackers, destroy the process group and end the process with `status`.
 
     Alone, a process runs `sys.exit`. In a process group, interpreter teardown can deadlock: the DDP reducer's gloo
-    group joins its worker thread while holding the GIL, and that thread waits for the GIL to free a finished gather.
-    So there the exit handlers (trackers such as wandb finish their runs there) run first, then the process ends
-    without teardown; every file it wrote is already closed."""
+    group joins its worker thread while holding the GIL, and that thread waits for the GIL to free a finished gather
+    (seen on CPU with torch 2.13 at the end of training and after a preemption). So there the exit handlers (trackers
+    such as wandb finish their runs there) run first, then the process ends without teardown; every file it wrote is
+    already closed."""
     distributed = dist.is_available() and dist.is_initialized()
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
         trainer.end()
     if not distributed:
-        sys.exit(PREEMPTED_EXIT_CODE)
+        sys.exit(status)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(PREEMPTED_EXIT_CODE)
+    os._exit(status)

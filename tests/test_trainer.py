@@ -14,17 +14,19 @@ from conftest import grouped_inputs, letter_reward, make_args, make_trainer, toy
 
 
 # Each generation backend (TRL 1.16's own knobs) must keep the rollout exact: same layout, same log-probs
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)  # ΔW != 0 from the start
 BACKENDS = {
     "generate": {},
     "static_cache": {"cache_implementation": "static", "compile_generation": True},  # compiles on GPUs only
     "continuous_batching": {"use_transformers_continuous_batching": True},
+    "merged": {"generation_weights": "merged", "peft_config": LORA},  # a merged copy (float32 on CPU)
 }
 
 
 @pytest.mark.parametrize(
     "backend, num_attempts",
-    [("generate", 2), ("static_cache", 2), ("continuous_batching", 2), ("generate", 3)],
-    ids=["generate", "static_cache", "continuous_batching", "three_attempts"],
+    [("generate", 2), ("static_cache", 2), ("continuous_batching", 2), ("merged", 2), ("generate", 3)],
+    ids=["generate", "static_cache", "continuous_batching", "merged", "three_attempts"],
 )
 def test_rollout_layout_keeps_sampled_first_attempt(tmp_path, tiny_model_dir, tokenizer, backend, num_attempts):
     trainer = make_trainer(
@@ -58,7 +60,7 @@ def test_rollout_layout_keeps_sampled_first_attempt(tmp_path, tiny_model_dir, to
         assert list(logs[f"reward_{t}"]) == pytest.approx(rescored)
 
 
-@pytest.mark.parametrize("backend", ["generate", "static_cache"])
+@pytest.mark.parametrize("backend", ["generate", "static_cache", "merged"])
 def test_turn_two_logps_match_generation_logits(tmp_path, tiny_model_dir, tokenizer, backend):
     temperature = 0.7
     trainer = make_trainer(
@@ -67,11 +69,14 @@ def test_turn_two_logps_match_generation_logits(tmp_path, tiny_model_dir, tokeni
     assert trainer.generation_config.cache_implementation == BACKENDS[backend].get("cache_implementation")
     assert trainer.generation_config.disable_compile is not BACKENDS[backend].get("compile_generation", False)
     model = trainer.model.eval()
+    sampler = model
     questions = [toy_question("cat"), "Say red.", toy_question("green") + " " + toy_question("moon"), "Say one two."]
     prompts = [[{"role": "user", "content": q}] for q in questions]
     prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
     torch.manual_seed(1)
     y1 = trainer._generate_single_turn(prompt_ids, None, {})
+    if backend == "merged":  # y1 came from the merged copy; y2 is sampled from it below
+        sampler = trainer._merged.model
     bridges = [trainer._bridge_for(instruction_for({}))] * len(prompts)
     appended, turn_two_prompts = next_attempt_prompts(prompt_ids, y1, bridges)
     assert len({len(p) for p in turn_two_prompts}) > 1, "the test needs left padding"
@@ -82,7 +87,7 @@ def test_turn_two_logps_match_generation_logits(tmp_path, tiny_model_dir, tokeni
     padded = pad(prompt_tensors, pad_id, "left")
     attention = pad([torch.ones_like(p) for p in prompt_tensors], 0, "left")
     with torch.no_grad():
-        out = model.generate(
+        out = sampler.generate(
             input_ids=padded,
             attention_mask=attention,
             generation_config=trainer.generation_config,
@@ -312,3 +317,22 @@ def test_truncation_mask_accumulation_iterations_and_eval(tmp_path, tiny_model_d
     assert {f"{c}_{t}" for c in ("attempt", "reward", "advantage") for t in range(1, num_attempts + 1)} <= set(
         trainer._attempt_logs
     )
+
+
+def test_merged_copy_is_the_policy_and_follows_each_step(tmp_path, tiny_model_dir, tokenizer):
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, max_steps=2, **BACKENDS["merged"])
+    trainer.train()
+    copy, policy = trainer._merged, trainer.model.eval()
+    assert copy.synced_step == 1  # the second step sampled after the first optimizer step
+    copy.sync(policy, step=2)  # the weights after the last step
+    ids = torch.tensor([tokenizer.encode("Say the word cat. The word is cat.")])
+    with torch.no_grad():
+        torch.testing.assert_close(copy.model(ids).logits, policy(ids).logits, atol=1e-5, rtol=1e-5)
+        trained = [n for n, p in policy.named_parameters() if "lora_B" in n]
+        assert trained and not any(hasattr(module, "lora_A") for module in copy.model.modules())
+
+    with pytest.raises(ValueError, match="generation_weights='merged' merges a LoRA adapter.*peft_config"):
+        make_trainer(tmp_path, tiny_model_dir, tokenizer, generation_weights="merged")
+    with pytest.raises(ValueError, match="does not combine with use_vllm or use_transformers_continuous_batching"):
+        make_trainer(tmp_path, tiny_model_dir, tokenizer, use_transformers_continuous_batching=True,
+                     **BACKENDS["merged"])  # fmt: skip

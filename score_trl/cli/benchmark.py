@@ -66,7 +66,10 @@ BACKENDS = {
         "use_transformers_continuous_batching": True,
         "transformers_continuous_batching_config": {"use_cuda_graph": True},
     },
+    # SCoRe only: padded generate from a merged bf16 copy of the (4-bit) base and the adapter
+    "merged": {"generation_weights": "merged"},
 }
+SCORE_ONLY = {"merged"}
 
 
 class Recorder:
@@ -436,7 +439,7 @@ class BenchmarkArguments:
         metadata={
             "help": f"Generation backends, each run by every arm: {', '.join(BACKENDS)} (TRL's knobs: padded "
             "generate; a static KV cache, also with compiled decoding; transformers continuous batching, also with "
-            "CUDA graphs)."
+            "CUDA graphs; and SCoReConfig's generation_weights=merged, which only the SCoRe arm runs)."
         },
     )
     output_json: str | None = field(default=None, metadata={"help": "Also write the figures to this file."})
@@ -459,6 +462,7 @@ class BenchmarkArguments:
             (arm if len(self.backends) == 1 else f"{arm} [{backend}]", arm, backend)
             for backend in self.backends
             for arm in self.arms
+            if not (arm == "RLOO" and backend in SCORE_ONLY)
         ]
 
 

@@ -138,9 +138,11 @@ def task_of(dataset):
 
 
 def main(script_args, training_args, model_args):
+    import torch
     from trl import get_peft_config, get_quantization_config
 
     from ..models import resolve_model
+    from ..preemption import end_process
     from ..rewards import get_reward_funcs
     from ..trainer import SCoReTrainer
 
@@ -177,6 +179,9 @@ def main(script_args, training_args, model_args):
     before = _compare(trainer, eval_dataset, reward_funcs, script_args) if script_args.compare_before_after else None
     trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     trainer.accelerator.print("Training completed.")
+    if trainer.accelerator.device.type == "cuda":  # read by scripts/gpu_check.py
+        peak = torch.cuda.max_memory_allocated(trainer.accelerator.device) / 2**30
+        trainer.accelerator.print(f"Peak GPU memory: {peak:.2f} GiB (torch.cuda.max_memory_allocated)")
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         trainer.create_model_card(dataset_name=script_args.dataset_name)
@@ -186,6 +191,8 @@ def main(script_args, training_args, model_args):
         trainer.accelerator.print(format_before_after(before, after))
         if script_args.dataset_name.startswith("package:score_trl/"):  # the bundled demo questions
             trainer.accelerator.print(DEMO_NOTE)
+    if trainer.accelerator.num_processes > 1:
+        end_process(trainer)  # never returns: ends a process group without the teardown deadlock it can hit
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
         trainer.end()
     return trainer
