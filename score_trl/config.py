@@ -224,6 +224,17 @@ class SCoReConfig(RLOOConfig):
             raise ValueError(f"max_unscorable_steps={self.max_unscorable_steps}: use 0 (never stop) or a count > 0.")
         if self.logprob_batch_size is not None and self.logprob_batch_size < 1:
             raise ValueError(f"logprob_batch_size={self.logprob_batch_size}: set a positive number of rows, or None.")
+        self._check_generation_and_failure_settings()
+        if self.correction_instruction is not None and not self.correction_instruction.strip():
+            raise ValueError(
+                "correction_instruction is empty; give the instruction that asks for a second attempt, or leave it "
+                "unset (None) to use each row's `correction_instruction` column or the paper's MATH instruction."
+            )
+        super().__post_init__()
+
+        self._check_stage_switch()
+
+    def _check_generation_and_failure_settings(self):
         if self.compile_generation and self.cache_implementation != "static":
             raise ValueError(
                 f"compile_generation=True with cache_implementation={self.cache_implementation!r}: transformers "
@@ -245,14 +256,6 @@ class SCoReConfig(RLOOConfig):
                 f"preemption_signals={self.preemption_signals}: {unknown} are not signal names of this platform. Use "
                 "names such as SIGTERM and SIGUSR1, or [] to keep the default handlers."
             )
-        if self.correction_instruction is not None and not self.correction_instruction.strip():
-            raise ValueError(
-                "correction_instruction is empty; give the instruction that asks for a second attempt, or leave it "
-                "unset (None) to use each row's `correction_instruction` column or the paper's MATH instruction."
-            )
-        super().__post_init__()
-
-        self._check_stage_switch()
 
     def _check_stage_switch(self):
         # Generation happens every `steps_per_generation * num_iterations` micro-steps and a whole generation batch is
