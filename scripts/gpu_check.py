@@ -63,7 +63,8 @@ class Check:
         self.work.mkdir(parents=True, exist_ok=True)
         self.deadline = time.monotonic() + args.budget
         self.result = {"mode": "cpu" if args.cpu else "gpu", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                       "command": " ".join(sys.argv), "budget_s": args.budget, "stages": {}}  # fmt: skip
+                       "command": " ".join(sys.argv), "commit": git_commit(), "budget_s": args.budget,
+                       "stages": {}}  # fmt: skip
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
                     "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
         self.env["PYTHONPATH"] = os.pathsep.join(
@@ -105,6 +106,17 @@ class Check:
         (self.out / "gpu_check.md").write_text(markdown(self.result))
         print(f"[gpu_check] {name}: {entry['status']}", flush=True)
         return entry
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, with "+dirty" for uncommitted changes; None where the tree travelled without .git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else None
 
 
 class GpuMemory:
@@ -290,7 +302,7 @@ def markdown(result: dict) -> str:
         "",
         f"GPU: {versions.get('gpu') or 'none'}; CUDA {versions.get('cuda')}; "
         + ", ".join(f"{k} {v}" for k, v in versions.items() if k not in ("gpu", "cuda") and v),
-        f"Command: `{result['command']}`",
+        f"Command: `{result['command']}`; commit {result.get('commit') or 'unknown'}",
         "",
         "| stage | status | seconds | figures |",
         "|---|---|---|---|",

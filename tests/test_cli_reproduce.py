@@ -3,6 +3,7 @@ whole `score-reproduce` pipeline on the tiny local model."""
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -108,6 +109,9 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
         assert summary["n"] == 12 and summary["num_attempts"] == 2
         records = [json.loads(line) for line in (output / arm / "records.jsonl").read_text().splitlines()]
         assert len(records) == 12 and all("attempt_2" in r for r in records)
+        run = json.loads((output / arm / "run.json").read_text())  # provenance, written by the run
+        assert len(run["commit"]) == 40 and isinstance(run["dirty"], bool) and run["versions"]["trl"] == "1.16.0"
+        assert run["command"][0] == sys.executable and run["peak_rss_mib"] > 100 and run["wall_seconds"] > 0
         if arm != "base":
             history = json.loads((output / arm / "log_history.json").read_text())
             assert [e["step"] for e in history if "loss" in e] == [1, 2]

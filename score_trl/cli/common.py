@@ -89,3 +89,38 @@ def set_cpu_threads(threads: int | None = None, local_processes: int = 1) -> int
     threads = threads or max(len(os.sched_getaffinity(0)) // max(local_processes, 1), 1)
     torch.set_num_threads(threads)
     return threads
+
+
+def provenance() -> dict:
+    """What produced a result, written by the run itself: the git commit of the code and whether the tree had
+    uncommitted changes (None outside a checkout), the packages' versions, the exact command, and the process's peak
+    resident memory so far (ru_maxrss, this process only)."""
+    import importlib.metadata
+    import resource
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    versions = {}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "score_trl"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "commit": commit,
+        "dirty": None if status is None else bool(status),
+        "versions": versions,
+        "command": [sys.executable, *sys.argv],
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }

@@ -14,7 +14,8 @@ number of steps), and is then evaluated once, greedy, with two attempts, on the 
     score_alpha0     SCoRe without the bonus (alpha=0)
 
 Per arm, in output_dir/<arm>/: records.jsonl (every problem, both attempts and rewards; resumable), summary.json,
-log_history.json (the trainer's logged metrics per step) and run.json (settings, wall times, hardware). At the end:
+log_history.json (the trainer's logged metrics per step) and run.json (settings, wall times, hardware, and the
+provenance: commit and whether the tree was dirty, package versions, the exact command, peak RSS). At the end:
 results.md (the paper's table, arms side by side), curves.png (turn-1 and turn-2 training reward and their difference
 against step) and comparison.png. Each chosen arm is run afresh, replacing its old results (the committed ones in
 docs/results included); with `--resume true` an arm whose summary.json exists is kept, so a stopped run continues.
@@ -27,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .common import ModelSourceArguments, parse, set_cpu_threads
+from .common import ModelSourceArguments, parse, provenance, set_cpu_threads
 
 
 ARMS = ("base", "rloo", "score_no_stage1", "score", "score_alpha0")
@@ -199,8 +200,10 @@ def run_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, data: dict
         "eval_split": args.eval_split,
         "train_seconds": round(trained - started, 1),
         "eval_seconds": round(finished - trained, 1),
+        "wall_seconds": round(finished - started, 1),
         "hardware": hardware(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **provenance(),  # commit (and whether the tree was dirty), versions, command, peak RSS
     }
     (out / "run.json").write_text(json.dumps(run, indent=2))
     (out / "summary.json").write_text(json.dumps({"label": arm, **summary}, indent=2))
