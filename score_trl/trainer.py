@@ -101,6 +101,8 @@ class SCoReTrainer(RLOOTrainer):
       (`correction_instruction`, `first_attempt`) beside `prompt`.
     - `train`: `resume_from_checkpoint=True`/`"last"` takes the newest complete checkpoint, and a preemption signal
       ends the run with a checkpoint and status 75 (`score_trl.checkpoints`, `score_trl.preemption`).
+    - `_generate_single_turn`: RLOO's, unless `generation_weights="merged"`, which samples with padded `generate` from
+      a merged copy of the LoRA policy synced after every optimizer step (`score_trl.merged_generation`).
 
     Everything else (reference model, PEFT adapter disabling, samplers, buffering across `steps_per_generation` and
     `num_iterations`, checkpointing, metric reduction) is RLOO's. The stage is a function of `state.global_step`, so
