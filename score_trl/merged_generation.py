@@ -37,7 +37,7 @@ class MergedCopy:
         """Every weight outside the LoRA layers (embeddings, norms, untargeted linears), dequantized where 4-bit."""
         lora = set(self._lora)
         for name, module in self.model.named_modules():
-            if name in lora or not any(True for _ in module.parameters(recurse=False)):
+            if name in lora or next(module.parameters(recurse=False), None) is None:
                 continue
             source = base.get_submodule(name)
             for param_name, param in module.named_parameters(recurse=False):

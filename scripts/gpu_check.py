@@ -76,9 +76,10 @@ class Check:
         return self.deadline - time.monotonic()
 
     def run(self, name: str, command: list[str], limit: float, **env) -> dict:
-        """Run one stage's command under `min(limit, time left)`; its status, time, output tail and GPU memory peak."""
+        """Run one stage's command under `min(limit, time left)`; its status, time, output tail and GPU memory peak
+        (the caller records it)."""
         if self.left() < 10:
-            return self.record(name, {"status": "skipped", "why": "time budget spent"})
+            return {"status": "skipped", "why": "time budget spent"}
         timeout = min(limit, self.left())
         monitor = GpuMemory() if not self.args.cpu else None
         start = time.monotonic()
