@@ -251,6 +251,12 @@ def last_number(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
+def final_answer(text: str) -> str:
+    """What a completion answers, for telling whether a revision changed the answer: the anchored answer
+    (`extract_answer`), else the last number, else the whole text normalized (`normalize_text`)."""
+    return extract_answer(text) or last_number(text) or normalize_text(text)
+
+
 def numeric_reward(completions, answer=None, correct_answer=None, log_extra=None, **kwargs):
     """1.0 when the last number in the completion equals the reference number, else 0.0; None without a reference.
     Stricter than `exact_match`: a completion that lists candidates ("12, 13 or 14") scores only its last one."""

@@ -7,7 +7,9 @@ Keys (documented once, in the README's metrics table):
   Δ(t1,t2) for K = 2), so `delta == incorrect_to_correct - correct_to_incorrect`;
 - `incorrect_to_correct_t{t}_t{u}`, `correct_to_incorrect_t{t}_t{u}`: each consecutive pair, when K > 2;
 - `reward_delta`: mean r_K − r_1;
-- `no_edit`, `mean_edit_distance`: the last attempt against the one before it.
+- `no_edit`, `text_changed` (= 1 − no_edit), `answer_changed`, `mean_edit_distance`: the last attempt against the
+  one before it; `answer_changed` compares `rewards.final_answer` of the two, so a reworded attempt that keeps its
+  number is a text change but not an answer change.
 """
 
 import math
@@ -53,16 +55,28 @@ def self_correction_stats(rewards, threshold: float) -> dict[str, float]:
     return stats
 
 
-def edit_stats(previous: list[str], last: list[str]) -> dict[str, float]:
-    """How the last attempt differs from the one before: `no_edit` (the same text, whitespace aside) and
-    `mean_edit_distance` (characters). NaN without rows."""
+def change_flags(previous: list[str], last: list[str], answer_of=None) -> tuple[list[bool], list[bool]]:
+    """Per row: (the text changed, whitespace at the ends aside; the final answer changed), the last attempt against
+    the one before it. `answer_of` reads a text's answer (default `rewards.final_answer`)."""
+    if answer_of is None:
+        from .rewards import final_answer as answer_of
+    pairs = list(zip(previous, last, strict=True))
+    return [a.strip() != b.strip() for a, b in pairs], [answer_of(a) != answer_of(b) for a, b in pairs]
+
+
+def edit_stats(previous: list[str], last: list[str], answer_of=None) -> dict[str, float]:
+    """How the last attempt differs from the one before: `no_edit` (the same text, whitespace aside), `text_changed`
+    (1 − no_edit), `answer_changed` (a different final answer, see `change_flags`) and `mean_edit_distance`
+    (characters). NaN without rows."""
     n = len(last)
     if n == 0:
-        return {"no_edit": math.nan, "mean_edit_distance": math.nan}
-    pairs = list(zip(previous, last, strict=True))
+        return dict.fromkeys(("no_edit", "text_changed", "answer_changed", "mean_edit_distance"), math.nan)
+    text_changed, answer_changed = change_flags(previous, last, answer_of)
     return {
-        "no_edit": sum(a.strip() == b.strip() for a, b in pairs) / n,
-        "mean_edit_distance": sum(edit_distance(a, b) for a, b in pairs) / n,
+        "no_edit": 1 - sum(text_changed) / n,
+        "text_changed": sum(text_changed) / n,
+        "answer_changed": sum(answer_changed) / n,
+        "mean_edit_distance": sum(edit_distance(a, b) for a, b in zip(previous, last, strict=True)) / n,
     }
 
 
@@ -97,3 +111,28 @@ def bootstrap_interval(values: list[float], draws: int = 2000, seed: int = 0) ->
     n = len(values)
     means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(draws))
     return (means[int(0.025 * draws)], means[int(0.975 * draws) - 1])
+
+
+def two_level_bootstrap(per_seed: list[list[float]], draws: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean over seeds of the per-seed mean of per-problem values, with a 95% interval from a two-level bootstrap:
+    each draw resamples the seeds with replacement, then the problems within each drawn seed. `per_seed[s][i]` is
+    problem i's value under seed s (1/0 for "correct at t2", r2 − r1 for Δ, or a paired difference between two arms
+    on the same problem and seed, which keeps the pairing). Returns {"mean", "low", "high", "seeds", "problems"}."""
+    import numpy as np
+
+    if not per_seed or any(len(values) == 0 for values in per_seed):
+        raise ValueError("two_level_bootstrap needs at least one seed, each with at least one problem")
+    values = [np.asarray(v, dtype=np.float64) for v in per_seed]
+    rng = np.random.default_rng(seed)
+    means = np.empty(draws)
+    for d in range(draws):
+        seeds = rng.integers(len(values), size=len(values))
+        means[d] = np.mean([values[s][rng.integers(len(values[s]), size=len(values[s]))].mean() for s in seeds])
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {
+        "mean": float(np.mean([v.mean() for v in values])),
+        "low": float(low),
+        "high": float(high),
+        "seeds": len(values),
+        "problems": int(sum(len(v) for v in values)),
+    }

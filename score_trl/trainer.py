@@ -40,7 +40,7 @@ from .objective import (
 )
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, exit_after_preemption
 from .reward_checks import RewardError, RewardTimeout, checked_reward_funcs, explain_failure
-from .stats import self_correction_stats
+from .stats import change_flags, self_correction_stats
 from .turns import find_turn_bridge, instruction_for, next_attempt_prompts, pack_attempts, turn_masks
 
 
@@ -293,7 +293,7 @@ class SCoReTrainer(RLOOTrainer):
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
         kl_coef = kl_coefficients(stage, self.beta, self.args.beta2, self.num_attempts)
 
-        self._log_rollout(mode, rewards, targets, num_generations, len(inputs))
+        self._log_rollout(mode, rewards, targets, texts, num_generations, len(inputs))
         self._log_table_rows(prompts, texts, instructions, rewards, all_advantages)
         return {
             **layout,
@@ -489,7 +489,7 @@ class SCoReTrainer(RLOOTrainer):
             for prefix in prefixes:
                 self._metrics[mode][f"{prefix}completions/{key}"].append(value)
 
-    def _log_rollout(self, mode, rewards, targets, num_generations, num_rows):
+    def _log_rollout(self, mode, rewards, targets, texts, num_generations, num_rows):
         metrics = self._metrics[mode]
         for t in range(self.num_attempts):
             metrics[f"turn{t + 1}/shaped_reward"].append(torch.nanmean(targets[:, t]).item())
@@ -499,6 +499,11 @@ class SCoReTrainer(RLOOTrainer):
                     metrics[f"{prefix}{key}"].append(value)
         for key, value in self_correction_stats(rewards, self.args.correct_threshold).items():
             metrics[f"self_correction/{key}"].append(value)
+        # Does the last attempt revise the one before it, in its text and in its final answer (gathered rows)
+        local = torch.tensor(change_flags(texts[-2], texts[-1]), dtype=torch.float32, device=self.accelerator.device)
+        changed = self.accelerator.gather(local.T.contiguous())
+        metrics["self_correction/text_changed"].append(changed[:, 0].mean().item())
+        metrics["self_correction/answer_changed"].append(changed[:, 1].mean().item())
 
         # Flush what reward functions logged (renamed per attempt), gathered across processes.
         # Copied from trl.trainer.rloo_trainer.RLOOTrainer._generate_and_score_completions (1.16.0), with the columns

@@ -6,9 +6,11 @@ import re
 import sys
 
 import pytest
+import torch
 
 from score_trl.cli.arithmetic import WORDS, facts, make_splits, solve
-from score_trl.cli.curves import moving_average, reward_series
+from score_trl.cli.curves import mean_over_seeds, moving_average, revision_series, reward_series
+from score_trl.cli.transfer import TEMPLATES, transfer_rows
 from score_trl.rewards import last_number, numeric_reward
 
 
@@ -78,6 +80,38 @@ def test_reward_series_from_score_and_rloo_logs():
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 
+def test_revision_series_and_the_mean_over_seeds():
+    history = [
+        {"step": 1, "self_correction/text_changed": 0.5, "self_correction/answer_changed": 0.25},
+        {"step": 2, "self_correction/text_changed": 0.75, "self_correction/answer_changed": 0.5},
+        {"step": 2, "train_runtime": 3.0},
+    ]
+    series = revision_series(history)
+    assert series["text_changed"] == [(1, 0.5), (2, 0.75)] and series["answer_changed"] == [(1, 0.25), (2, 0.5)]
+    assert revision_series([{"step": 1, "reward": 0.5}])["text_changed"] == []  # RLOO: no second attempt
+    assert mean_over_seeds([[(1, 0.5), (2, 1.0)], [(1, 0.0)]]) == [(1, 0.25), (2, 1.0)]
+
+
+def test_transfer_set_asks_the_test_facts_in_other_words():
+    splits = make_splits(seed=0, n_test=320, n_validation=120)
+    rows = transfer_rows(seed=0, n_test=320, n_validation=120)
+    assert len(rows) == 320 and transfer_rows(seed=0, limit=160) == rows[:160]
+    assert not any(_QUESTION.fullmatch(row["question"]) or "What is" in row["question"] for row in rows)
+    assert {row["question"] for row in rows}.isdisjoint(row["question"] for split in splits.values() for row in split)
+    # same facts as the test split (answers in the same order: the facts are the test split's, in its fact order)
+    from score_trl.cli.arithmetic import split_facts_of
+
+    test_facts = split_facts_of(0, 320, 120)["test"]
+    assert [row["answer"] for row in rows] == [str(solve(*fact)) for fact in test_facts]
+    assert {fact_of(row["question"]) for row in splits["test"]} == set(test_facts)
+    # every template is used, and operands appear (as digits or words) in every question
+    used = {template for template in (t for ts in TEMPLATES.values() for t in ts)}
+    assert len(used) == 18 and len({row["question"].split()[0] for row in rows}) > 8
+    for row, (a, _, b) in zip(rows, test_facts, strict=True):
+        text = row["question"].lower()
+        assert all(str(x) in text or WORDS[x] in text for x in (a, b)), row
+
+
 @pytest.mark.parametrize("recipe", ["smollm2_cpu.yaml", "gpu.yaml"])
 def test_reproduction_recipes_parse(recipe):
     from pathlib import Path
@@ -85,47 +119,96 @@ def test_reproduction_recipes_parse(recipe):
     from score_trl.cli.reproduce import ARMS, parse_args
 
     args = parse_args([str(Path(__file__).resolve().parents[1] / "recipes" / "reproduce" / recipe)])
-    assert args.arms == ["base", "score", "rloo", "score_no_stage1", "score_alpha0"] and set(args.arms) == set(ARMS)
+    assert args.arms[:3] == ["base", "rloo", "score"] and set(args.arms) == set(ARMS) and len(args.seeds) >= 3
+    assert args.arms.index("rloo") < args.arms.index("rloo_then_score")  # the continuation arms start from rloo
     assert (args.alpha, args.beta, args.beta2) == (10.0, 0.01, 0.1)  # the paper's
     assert 0 < args.stage_one_steps < args.max_steps and args.eval_split == "test" and args.n_test >= 300
 
 
 def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
-    """Every arm trains (2 steps) and is evaluated; the tables, curves and records come from files the run wrote, and
-    a rerun replaces the chosen arms unless resuming."""
+    """Every arm trains (2 steps) for two seeds and is evaluated on the test and transfer sets; the continuation arms
+    start from the same seed's rloo model; the tables, curves and records come from files the run wrote, and a rerun
+    replaces the chosen arms unless resuming."""
+
     from score_trl.cli.reproduce import ARMS, main, parse_args
 
     argv = [
         "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "out"),
         "--work_dir", str(tmp_path / "work"), "--max_steps", "2", "--stage_one_steps", "1", "--prompts_per_step",
         "2", "--num_generations", "2", "--max_completion_length", "4", "--eval_max_new_tokens", "4",
-        "--n_test", "12", "--n_validation", "6", "--eval_batch_size", "8",
+        "--n_test", "12", "--n_validation", "6", "--n_transfer", "8", "--eval_batch_size", "8", "--seeds", "0", "1",
     ]  # fmt: skip
     args = parse_args(argv)
     args.gguf_file = None
     output = main(args)
-    for arm in ARMS:
-        summary = json.loads((output / arm / "summary.json").read_text())
-        assert summary["n"] == 12 and summary["num_attempts"] == 2
-        records = [json.loads(line) for line in (output / arm / "records.jsonl").read_text().splitlines()]
-        assert len(records) == 12 and all("attempt_2" in r for r in records)
-        run = json.loads((output / arm / "run.json").read_text())  # provenance, written by the run
-        assert len(run["commit"]) == 40 and isinstance(run["dirty"], bool) and run["versions"]["trl"] == "1.16.0"
-        assert run["command"][0] == sys.executable and run["peak_rss_mib"] > 100 and run["wall_seconds"] > 0
-        if arm != "base":
-            history = json.loads((output / arm / "log_history.json").read_text())
-            assert [e["step"] for e in history if "loss" in e] == [1, 2]
-    stages = [e.get("stage") for e in json.loads((output / "score_no_stage1" / "log_history.json").read_text())]
+    work = tmp_path / "work"
+    for seed in (0, 1):
+        for arm in ARMS:
+            folder = output / "base" if arm == "base" else output / f"seed{seed}" / arm
+            summary = json.loads((folder / "summary.json").read_text())
+            assert summary["n"] == 12 and summary["num_attempts"] == 2
+            records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+            assert len(records) == 12 and all("attempt_2" in r for r in records)
+            assert json.loads((folder / "transfer" / "summary.json").read_text())["n"] == 8
+            run = json.loads((folder / "run.json").read_text())  # provenance, written by the run
+            assert len(run["commit"]) == 40 and isinstance(run["dirty"], bool) and run["versions"]["trl"] == "1.16.0"
+            assert run["command"][0] == sys.executable and run["peak_rss_mib"] > 100 and run["wall_seconds"] > 0
+            if arm != "base":
+                assert run["seed"] == seed
+                assert (work / f"seed{seed}" / arm / "adapter" / "adapter_config.json").is_file()
+                history = json.loads((folder / "log_history.json").read_text())
+                assert [e["step"] for e in history if "loss" in e] == [1, 2]
+        # the continuation arms trained from the same seed's rloo model with its adapter merged
+        for arm in ("rloo_then_score", "rloo_2n"):
+            run = json.loads((output / f"seed{seed}" / arm / "run.json").read_text())
+            assert run["start_model"] == str(work / f"seed{seed}" / "rloo" / "merged")
+    assert not (output / "seed1" / "base").exists()  # the untrained base is evaluated once
+    history = json.loads((output / "seed0" / "score_no_stage1" / "log_history.json").read_text())
+    stages = [e.get("stage") for e in history]
     assert 1.0 not in stages
     table = (output / "results.md").read_text()
-    assert all(f" {arm} " in table for arm in ARMS) and "Accuracy@t1" in table
+    assert "Seeds pooled: [0, 1]" in table and "## Paired differences" in table and "## Transfer" in table
+    assert all(f"| {arm} |" in table for arm in ARMS) and "SCoRe Δ > 0" in table and "RLOO→SCoRe" in table
     for png in ("curves.png", "comparison.png"):
         assert (output / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    mtime = {arm: (output / arm / "summary.json").stat().st_mtime_ns for arm in ARMS}
+    mtime = {arm: (output / "seed0" / arm / "summary.json").stat().st_mtime_ns for arm in ARMS[1:]}
     args.resume = True
     main(args)  # a stopped run continues: finished arms are kept, not redone
-    assert {arm: (output / arm / "summary.json").stat().st_mtime_ns for arm in ARMS} == mtime
-    args.resume, args.arms = False, ["base"]
-    main(args)  # a rerun replaces the chosen arm only
-    assert (output / "base" / "summary.json").stat().st_mtime_ns != mtime["base"]
-    assert (output / "score" / "summary.json").stat().st_mtime_ns == mtime["score"]
+    assert {arm: (output / "seed0" / arm / "summary.json").stat().st_mtime_ns for arm in ARMS[1:]} == mtime
+    args.resume, args.arms, args.seeds = False, ["score"], [0]
+    main(args)  # a rerun replaces the chosen arm and seed only
+    assert (output / "seed0" / "score" / "summary.json").stat().st_mtime_ns != mtime["score"]
+    assert (output / "seed0" / "rloo" / "summary.json").stat().st_mtime_ns == mtime["rloo"]
+    args.arms, args.seeds = ["rloo_then_score"], [7]  # no rloo arm for seed 7
+    with pytest.raises(FileNotFoundError, match="run the rloo arm for seed 7 first"):
+        main(args)
+
+
+def test_continuation_arms_start_from_the_rloo_adapter_merged(tiny_model_dir, tokenizer, tmp_path):
+    """W' = W + (lora_alpha / r) · B A in every adapted layer; the rest of the model unchanged."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from score_trl.cli.reproduce import ReproduceArguments, start_model
+
+    args = ReproduceArguments(work_dir=str(tmp_path), gguf_file=None)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)  # B != 0
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / "seed3" / "rloo" / "adapter")
+    lora = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+    merged_path = start_model("rloo_2n", args, 3, tiny_model_dir, tokenizer)
+    assert merged_path == str(tmp_path / "seed3" / "rloo" / "merged")
+    assert start_model("score", args, 3, tiny_model_dir, tokenizer) == tiny_model_dir
+    merged, base = load_file(f"{merged_path}/model.safetensors"), load_file(f"{tiny_model_dir}/model.safetensors")
+    checked = 0
+    for name, weight in base.items():
+        if "q_proj.weight" in name:
+            prefix = "base_model.model." + name.removesuffix(".weight")
+            delta = 2.0 * lora[f"{prefix}.lora_B.default.weight"] @ lora[f"{prefix}.lora_A.default.weight"]
+            torch.testing.assert_close(merged[name].float(), weight.float() + delta, atol=1e-5, rtol=1e-5)
+            checked += 1
+        elif name in merged:
+            assert torch.equal(merged[name].float(), weight.float()), name
+    assert checked >= 1

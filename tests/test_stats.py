@@ -7,6 +7,7 @@ import torch
 
 from score_trl.stats import (
     bootstrap_interval,
+    change_flags,
     edit_distance,
     edit_stats,
     self_correction_stats,
@@ -66,9 +67,23 @@ def test_one_key_scheme_for_transitions():
 def test_edit_stats_by_hand():
     assert edit_stats(["same ", "abc", "x"], ["same", "abd", "xyz"]) == {
         "no_edit": pytest.approx(1 / 3),
+        "text_changed": pytest.approx(2 / 3),
+        "answer_changed": pytest.approx(2 / 3),  # no number or anchor: the normalized text is the answer
         "mean_edit_distance": pytest.approx((1 + 1 + 2) / 3),  # on the raw text: the trailing space counts
     }
     assert all(math.isnan(v) for v in edit_stats([], []).values())
+
+
+def test_answer_changed_reads_the_final_answer_not_the_wording():
+    first = ["The answer is 14.", "The answer is 14.", "7 + 7 = 14", "The answer is 14."]
+    second = ["I think the answer is 14.", "The answer is 15.", "7 + 7 = 14. The answer is 14.", "The answer is 14. "]
+    text_changed, answer_changed = change_flags(first, second)
+    assert text_changed == [True, True, True, False]  # whitespace at the ends is not an edit
+    assert answer_changed == [False, True, False, False]
+    stats = edit_stats(first, second)
+    assert stats["text_changed"] == 0.75 and stats["answer_changed"] == 0.25 and stats["no_edit"] == 0.25
+    # the reader can be swapped, e.g. for code: here the first character is the "answer"
+    assert change_flags(["ab"], ["ac"], answer_of=lambda text: text[0]) == ([True], [False])
 
 
 def test_intervals_and_edit_distance():

@@ -8,6 +8,7 @@ from peft import LoraConfig
 from trl.trainer.utils import pad
 
 from score_trl import SCoReTrainer
+from score_trl.stats import change_flags
 from score_trl.turns import instruction_for, next_attempt_prompts
 
 from conftest import grouped_inputs, letter_reward, make_args, make_trainer, toy_dataset, toy_question
@@ -212,6 +213,8 @@ EXPECTED_METRICS = [
     "self_correction/correct_to_incorrect",
     "self_correction/accuracy_t1",
     "self_correction/accuracy_t2",
+    "self_correction/text_changed",
+    "self_correction/answer_changed",
     "entropy",
     "turn1/clip_ratio/low_mean",
     "turn2/clip_ratio/high_mean",
@@ -249,6 +252,19 @@ def test_stage_one_then_two_training(tmp_path, tiny_model_dir, tokenizer, use_lo
         assert trainer.ref_model is not None
         ref = dict(trainer.ref_model.named_parameters())
         assert all(torch.equal(before[n], ref[n]) for n in ref)
+
+
+def test_logged_change_shares_match_the_attempts(tmp_path, tiny_model_dir, tokenizer):
+    # The per-step text/answer change shares are those of the batch's own attempts (the completions record)
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, n=16, max_steps=2, stage_one_steps=1)
+    trainer.train()
+    last = [h for h in trainer.state.log_history if "loss" in h][-1]
+    first, second = list(trainer._attempt_logs["attempt_1"]), list(trainer._attempt_logs["attempt_2"])
+    assert len(first) == trainer.args.generation_batch_size
+    text_changed, answer_changed = change_flags(first, second)
+    assert last["self_correction/text_changed"] == pytest.approx(sum(text_changed) / len(first))
+    assert last["self_correction/answer_changed"] == pytest.approx(sum(answer_changed) / len(first))
+    assert last["self_correction/answer_changed"] <= last["self_correction/text_changed"]
 
 
 @pytest.mark.parametrize("num_attempts", [2, 3], ids=["two_attempts", "three_attempts"])

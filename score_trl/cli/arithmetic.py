@@ -58,22 +58,26 @@ def _rows(split_facts, rng: random.Random, both_orders: bool) -> list[dict]:
     return rows
 
 
-def make_splits(seed: int = 0, n_test: int = 320, n_validation: int = 120, max_operand: int = 20) -> dict:
-    """{"train", "validation", "test"} lists of {"id", "question", "answer"} rows over disjoint facts. Validation and
-    test ask each fact once (one order, one wording drawn at random); train asks its facts in both orders and both
-    wordings."""
+def split_facts_of(seed: int = 0, n_test: int = 320, n_validation: int = 120, max_operand: int = 20) -> dict:
+    """{"test", "validation", "train"} lists of disjoint facts (a, op, b), the pool shuffled by `seed`."""
     pool = facts(max_operand)
     rng = random.Random(seed)
     rng.shuffle(pool)
     if n_test + n_validation >= len(pool):
         raise ValueError(f"n_test + n_validation must be below the {len(pool)} facts with max_operand={max_operand}")
-    chosen = {
+    return {
         "test": pool[:n_test],
         "validation": pool[n_test : n_test + n_validation],
         "train": pool[n_test + n_validation :],
     }
+
+
+def make_splits(seed: int = 0, n_test: int = 320, n_validation: int = 120, max_operand: int = 20) -> dict:
+    """{"train", "validation", "test"} lists of {"id", "question", "answer"} rows over disjoint facts. Validation and
+    test ask each fact once (one order, one wording drawn at random); train asks its facts in both orders and both
+    wordings."""
     splits = {}
-    for name, split_facts in chosen.items():
+    for name, split_facts in split_facts_of(seed, n_test, n_validation, max_operand).items():
         rows = _rows(split_facts, random.Random(f"{seed}-{name}"), both_orders=name == "train")
         splits[name] = [{"id": f"{name}-{i}", **row} for i, row in enumerate(rows)]
     return splits

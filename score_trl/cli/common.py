@@ -92,7 +92,7 @@ def set_cpu_threads(threads: int | None = None, local_processes: int = 1) -> int
 
 
 def provenance() -> dict:
-    """What produced a result, written by the run itself: the git commit of the code and whether the tree had
+    """What produced a result, written by the run itself: where the code was, its git commit and whether the tree had
     uncommitted changes (None outside a checkout), the packages' versions, the exact command, and the process's peak
     resident memory so far (ru_maxrss, this process only)."""
     import importlib.metadata
@@ -118,6 +118,7 @@ def provenance() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return {
+        "code": str(root),
         "commit": commit,
         "dirty": None if status is None else bool(status),
         "versions": versions,

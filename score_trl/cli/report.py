@@ -22,7 +22,8 @@ def rows_for(summaries: list[dict]) -> list[tuple[str, str]]:
         pair = f"t1,{last}" if (t, u) == (1, k) else f"t{t},t{u}"
         rows += [(f"Δi→c({pair})", transition_key("incorrect_to_correct", t, u, k))]
         rows += [(f"Δc→i({pair})", transition_key("correct_to_incorrect", t, u, k))]
-    rows += [("no edit (last = previous attempt)", "no_edit"), ("mean edit distance", "mean_edit_distance")]
+    rows += [("no edit (last = previous attempt)", "no_edit"), ("answer changed (last vs previous)", "answer_changed")]
+    rows += [("mean edit distance", "mean_edit_distance")]
     return rows
 
 

@@ -1,24 +1,36 @@
-"""`make reproduce` / `scripts/reproduce.py`: the self-correction result and the paper's ablations, end to end.
+"""`make reproduce` / `scripts/reproduce.py`: the self-correction result and the paper's ablations, end to end, over
+several training seeds.
 
-    python scripts/reproduce.py recipes/reproduce/smollm2_cpu.yaml [--arms score rloo] [--flag value ...]
+    python scripts/reproduce.py recipes/reproduce/smollm2_cpu.yaml [--seeds 0 1 2] [--arms score rloo] [--flag value]
 
 On generated arithmetic (`score_trl.cli.arithmetic`, seeded, disjoint splits) every arm starts from the same model,
 sees the same prompts in the same order with the same seed and the same sample budget (rollouts × tokens per step,
 number of steps), and is then evaluated once, greedy, with two attempts, on the evaluation split:
 
-    base             the model as it is
+    base             the model as it is (not trained, so one evaluation serves every seed)
     rloo             TRL's own RLOOTrainer on the first turn only (twice the rollouts of one SCoRe attempt, so the
                      tokens per step match SCoRe's two attempts), evaluated with two attempts like the others
     score_no_stage1  SCoRe with stage_one_steps=0 (Stage II only)
     score            SCoRe, Stage I then Stage II
     score_alpha0     SCoRe without the bonus (alpha=0)
+    rloo_then_score  the rloo arm's model (adapter merged), then SCoRe for max_steps more: is a self-correction phase
+                     worth its tokens once turn 1 is strong?
+    rloo_2n          the same rloo model, then RLOO for max_steps more: 2N RLOO steps, at the same sampled tokens as
+                     rloo_then_score and with the same restart (a fresh LoRA and schedule, the KL to the rloo model)
 
-Per arm, in output_dir/<arm>/: records.jsonl (every problem, both attempts and rewards; resumable), summary.json,
-log_history.json (the trainer's logged metrics per step) and run.json (settings, wall times, hardware, and the
-provenance: commit and whether the tree was dirty, package versions, the exact command, peak RSS). At the end:
-results.md (the paper's table, arms side by side), curves.png (turn-1 and turn-2 training reward and their difference
-against step) and comparison.png. Each chosen arm is run afresh, replacing its old results (the committed ones in
-docs/results included); with `--resume true` an arm whose summary.json exists is kept, so a stopped run continues.
+The continuation arms need the same seed's rloo arm (its adapter, kept in work_dir). With the test split, every arm is
+also scored on the transfer set (`score_trl.cli.transfer`: the test facts in phrasings the generator never uses).
+
+Files: output_dir/base/ and output_dir/seed<S>/<arm>/ hold records.jsonl (every problem, both attempts and rewards;
+resumable), summary.json, transfer/ (the same for the transfer set), log_history.json (the trainer's logged metrics
+per step) and run.json (settings, wall times, hardware, and the provenance: commit and whether the tree was dirty,
+package versions, the exact command, peak RSS). Trained adapters stay in work_dir/seed<S>/<arm>/adapter, so that
+`score-eval --adapter` can score them on other data. At the end, from every finished evaluation in output_dir:
+results.md (per seed, pooled over seeds with two-level bootstrap intervals, paired differences, the targets, the
+transfer set; `score_trl.cli.pooled`), curves.png (training reward, and how often the second attempt changes its text
+and its answer, against step; mean over seeds) and comparison.png (the first seed's table). Each chosen arm is run
+afresh, replacing its old results; with `--resume true` an arm (and seed) whose summary.json exists is kept, so a
+stopped run continues.
 """
 
 import json
@@ -31,7 +43,8 @@ from pathlib import Path
 from .common import ModelSourceArguments, parse, provenance, set_cpu_threads
 
 
-ARMS = ("base", "rloo", "score_no_stage1", "score", "score_alpha0")
+ARMS = ("base", "rloo", "score_no_stage1", "score", "score_alpha0", "rloo_then_score", "rloo_2n")
+CONTINUED = ("rloo_then_score", "rloo_2n")  # start from the same seed's rloo model
 
 
 @dataclass
@@ -58,7 +71,13 @@ class ReproduceArguments(ModelSourceArguments):
     data_seed: int = field(default=0, metadata={"help": "Seed of the problem generator (fixes the splits)."})
     n_test: int = field(default=320, metadata={"help": "Facts in the test split (one question each)."})
     n_validation: int = field(default=120, metadata={"help": "Facts in the validation split (one question each)."})
-    seed: int = field(default=0, metadata={"help": "Training seed (sampling, data order, LoRA init) of every arm."})
+    seeds: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={"help": "Training seeds (sampling, data order, LoRA init); every trained arm runs once per seed."},
+    )
+    n_transfer: int = field(
+        default=160, metadata={"help": "Rephrased test facts in the transfer set (0: no transfer evaluation)."}
+    )
     max_steps: int = field(default=60, metadata={"help": "Optimizer steps per trained arm."})
     stage_one_steps: int = field(default=20, metadata={"help": "Stage I steps of the `score` arms."})
     prompts_per_step: int = field(default=4, metadata={"help": "Prompts per SCoRe step (RLOO gets twice as many)."})
@@ -93,23 +112,62 @@ def hardware() -> str:
 
 
 def load(args: ReproduceArguments):
-    """(model path, tokenizer, {split: dataset}) from the recipe."""
+    """(model path, tokenizer, {split: dataset}) from the recipe; with the test split, also "transfer"."""
     from ..data import load_score_dataset
     from ..models import resolve_model
     from .arithmetic import write_splits
+    from .transfer import write_transfer
 
     path, tokenizer = resolve_model(args.model_name_or_path, args.gguf_file, args.chat_template)
-    files = write_splits(
-        Path(args.work_dir) / "data", seed=args.data_seed, n_test=args.n_test, n_validation=args.n_validation
-    )
+    data_dir = Path(args.work_dir) / "data"
+    files = write_splits(data_dir, seed=args.data_seed, n_test=args.n_test, n_validation=args.n_validation)
+    if args.eval_split == "test" and args.n_transfer > 0:  # test facts: never looked at while choosing settings
+        files["transfer"] = write_transfer(
+            data_dir / "transfer.jsonl",
+            seed=args.data_seed,
+            n_test=args.n_test,
+            n_validation=args.n_validation,
+            limit=args.n_transfer,
+        )
     data = {
         name: load_score_dataset(str(file), task="arithmetic", tokenizer=tokenizer) for name, file in files.items()
     }
     return path, tokenizer, data
 
 
-def train_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, train_dataset, reward):
-    """Train one arm; returns its trainer (the trained PEFT model is trainer.model)."""
+def arm_dirs(args: ReproduceArguments, arm: str, seed: int) -> tuple[Path, Path]:
+    """(results folder, work folder) of one arm and seed; the untrained base has one of each."""
+    where = Path("base") if arm == "base" else Path(f"seed{seed}") / arm
+    return Path(args.output_dir) / where, Path(args.work_dir) / where
+
+
+def start_model(arm: str, args: ReproduceArguments, seed: int, path: str, tokenizer) -> str:
+    """The model an arm trains from: the base model, or for the continuation arms the same seed's rloo model with
+    its adapter merged (built once, in work_dir/seed<S>/rloo/merged)."""
+    if arm not in CONTINUED:
+        return path
+    work = arm_dirs(args, "rloo", seed)[1]
+    merged = work / "merged"
+    if (merged / "config.json").is_file():
+        return str(merged)
+    if not (work / "adapter" / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{arm} (seed {seed}) continues the rloo arm, but {work / 'adapter'} has no adapter: run the rloo arm for "
+            f"seed {seed} first (arms run in the order given), e.g. --arms rloo {arm}."
+        )
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(path, dtype="float32" if args.use_cpu else "bfloat16")
+    model = PeftModel.from_pretrained(base, str(work / "adapter")).merge_and_unload()
+    model.save_pretrained(merged)
+    tokenizer.save_pretrained(merged)
+    return str(merged)
+
+
+def train_arm(arm: str, args: ReproduceArguments, seed: int, start: str, tokenizer, train_dataset, reward):
+    """Train one arm for one seed from the model at `start`; returns its trainer (the trained PEFT model is
+    trainer.model)."""
     from peft import LoraConfig
     from trl import RLOOConfig, RLOOTrainer
 
@@ -118,8 +176,8 @@ def train_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, train_da
 
     rows = args.prompts_per_step * args.num_generations
     common = dict(
-        output_dir=str(Path(args.work_dir) / arm),
-        seed=args.seed,
+        output_dir=str(arm_dirs(args, arm, seed)[1]),
+        seed=seed,
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
         num_generations=args.num_generations,
@@ -139,7 +197,7 @@ def train_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, train_da
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     model_init_kwargs = {"dtype": "bfloat16" if common["bf16"] else "float32"}
-    if arm == "rloo":
+    if arm in ("rloo", "rloo_2n"):
         config = RLOOConfig(per_device_train_batch_size=2 * rows, model_init_kwargs=model_init_kwargs, **common)
         trainer_class = RLOOTrainer
     else:
@@ -150,7 +208,7 @@ def train_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, train_da
         )
         trainer_class = SCoReTrainer
     trainer = trainer_class(
-        model=path,
+        model=start,
         reward_funcs=[reward],
         args=config,
         train_dataset=train_dataset,
@@ -161,99 +219,136 @@ def train_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, train_da
     return trainer
 
 
-def run_arm(arm: str, args: ReproduceArguments, path: str, tokenizer, data: dict) -> dict:
-    """Train (unless base) and evaluate one arm; writes its files and returns its summary."""
+def run_arm(arm: str, args: ReproduceArguments, seed: int, path: str, tokenizer, data: dict) -> dict:
+    """Train (unless base) and evaluate one arm for one seed; writes its files and returns its summary."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..evaluation import evaluate
     from ..generation import TransformersGenerator
     from ..rewards import numeric_reward
 
     if args.use_cpu:
         set_cpu_threads()
-    out = Path(args.output_dir) / arm
+    out, work = arm_dirs(args, arm, seed)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    start = start_model(arm, args, seed, path, tokenizer)
     if arm == "base":
         gpu = not args.use_cpu and torch.cuda.is_available()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if gpu else torch.float32)
         model, log_history = model.to("cuda" if gpu else "cpu"), []
     else:
-        trainer = train_arm(arm, args, path, tokenizer, data["train"], numeric_reward)
+        trainer = train_arm(arm, args, seed, start, tokenizer, data["train"], numeric_reward)
         model, log_history = trainer.model, trainer.state.log_history
+        model.save_pretrained(work / "adapter")  # kept (not committed) for score-eval --adapter on other data
         (out / "log_history.json").write_text(json.dumps(log_history, indent=1))
     trained = time.time()
-    summary = evaluate(
-        TransformersGenerator(model, tokenizer, max_new_tokens=args.eval_max_new_tokens),
-        tokenizer,
-        data[args.eval_split],
-        [numeric_reward],
-        output_jsonl=out / "records.jsonl",
-        batch_size=args.eval_batch_size,
-        progress=False,
-    )
+    generator = TransformersGenerator(model, tokenizer, max_new_tokens=args.eval_max_new_tokens)
+    summary = evaluate_into(out, generator, tokenizer, data[args.eval_split], numeric_reward, args, arm)
     finished = time.time()
+    if "transfer" in data:
+        evaluate_into(out / "transfer", generator, tokenizer, data["transfer"], numeric_reward, args, arm)
     run = {
         "arm": arm,
+        "seed": None if arm == "base" else seed,
+        "start_model": start,
         "settings": asdict(args),
         "eval_split": args.eval_split,
         "train_seconds": round(trained - started, 1),
         "eval_seconds": round(finished - trained, 1),
-        "wall_seconds": round(finished - started, 1),
+        "transfer_seconds": round(time.time() - finished, 1),
+        "wall_seconds": round(time.time() - started, 1),
         "hardware": hardware(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         **provenance(),  # commit (and whether the tree was dirty), versions, command, peak RSS
     }
     (out / "run.json").write_text(json.dumps(run, indent=2))
-    (out / "summary.json").write_text(json.dumps({"label": arm, **summary}, indent=2))
+    (out / "summary.json").write_text(json.dumps({"label": arm, **summary}, indent=2))  # last: marks the arm done
+    return summary
+
+
+def evaluate_into(out: Path, generator, tokenizer, dataset, reward, args: ReproduceArguments, label: str) -> dict:
+    """Greedy two-attempt evaluation with records.jsonl in `out`; a transfer folder also gets its summary.json."""
+    from ..evaluation import evaluate
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = evaluate(
+        generator,
+        tokenizer,
+        dataset,
+        [reward],
+        output_jsonl=out / "records.jsonl",
+        batch_size=args.eval_batch_size,
+        progress=False,
+    )
+    if out.name == "transfer":
+        (out / "summary.json").write_text(json.dumps({"label": label, **summary}, indent=2))
     return summary
 
 
 def main(args: ReproduceArguments) -> Path:
-    from .curves import plot_curves
-    from .report import plot
-
     unknown = sorted(set(args.arms) - set(ARMS))
     if unknown:
         raise ValueError(f"Unknown arms {unknown}: choose from {list(ARMS)}.")
     if args.eval_split not in ("validation", "test"):
         raise ValueError(f"eval_split={args.eval_split!r}: use validation or test.")
+    if not args.seeds:
+        raise ValueError("seeds is empty: give at least one training seed, e.g. --seeds 0 1 2.")
     output = Path(args.output_dir)
     path, tokenizer, data = load(args)
-    for arm in args.arms:
-        if args.resume and (output / arm / "summary.json").is_file():
-            print(f"[reproduce] {arm}: done before, kept ({output / arm / 'summary.json'})")
-            continue
-        shutil.rmtree(output / arm, ignore_errors=True)  # no stale records.jsonl resumed into a new run
-        print(f"[reproduce] {arm}: training and evaluating", flush=True)
-        run_arm(arm, args, path, tokenizer, data)
-    done = [arm for arm in ARMS if (output / arm / "summary.json").is_file()]
-    summaries = [json.loads((output / arm / "summary.json").read_text()) for arm in done]
-    runs = [json.loads((output / arm / "run.json").read_text()) for arm in done]
-    (output / "results.md").write_text(results_markdown(summaries, runs, done, args))
-    plot(summaries, done, output / "comparison.png")
-    histories = {arm: json.loads((output / arm / "log_history.json").read_text()) for arm in done if arm != "base"}
-    plot_curves(histories, output / "curves.png")
+    for seed in args.seeds:
+        for arm in args.arms:
+            if arm == "base" and seed != args.seeds[0]:
+                continue  # not trained: one evaluation serves every seed
+            out = arm_dirs(args, arm, seed)[0]
+            if args.resume and (out / "summary.json").is_file():
+                print(f"[reproduce] {arm} (seed {seed}): done before, kept ({out / 'summary.json'})")
+                continue
+            shutil.rmtree(out, ignore_errors=True)  # no stale records.jsonl resumed into a new run
+            print(f"[reproduce] {arm} (seed {seed}): training and evaluating", flush=True)
+            run_arm(arm, args, seed, path, tokenizer, data)
+            write_reports(output, args)
+    write_reports(output, args)
     print((output / "results.md").read_text())
     return output
 
 
-def results_markdown(summaries, runs, arms, args) -> str:
-    from .report import markdown_table
+def write_reports(output: Path, args: ReproduceArguments) -> None:
+    """results.md, curves.png and comparison.png from every finished evaluation in output (all seeds)."""
+    from .curves import plot_curves
+    from .pooled import results_markdown
+    from .report import plot
 
+    (output / "results.md").write_text(results_markdown(output, list(ARMS), args.eval_split) + runs_markdown(output))
+    histories: dict[str, list] = {}
+    for arm in ARMS[1:]:
+        for folder in sorted(output.glob(f"seed[0-9]*/{arm}")):
+            if (folder / "summary.json").is_file():
+                histories.setdefault(arm, []).append(json.loads((folder / "log_history.json").read_text()))
+    if histories:
+        plot_curves(histories, output / "curves.png")
+    first = [arm_dirs(args, arm, args.seeds[0])[0] for arm in ARMS]
+    done = [(arm, d) for arm, d in zip(ARMS, first, strict=True) if (d / "summary.json").is_file()]
+    if done:
+        summaries = [json.loads((d / "summary.json").read_text()) for _, d in done]
+        plot(summaries, [arm for arm, _ in done], output / "comparison.png")
+
+
+def runs_markdown(output: Path) -> str:
+    """One row per finished arm and seed, from its run.json: times, date, hardware, commit, peak RSS."""
+    files = [output / "base" / "run.json", *sorted(output.glob("seed[0-9]*/*/run.json"))]
+    runs = [json.loads(p.read_text()) for p in files if p.is_file()]
     lines = [
-        f"# Self-correction on generated arithmetic ({args.eval_split} split)",
         "",
-        markdown_table(summaries, arms),
-        "Percentages with 95% intervals (Wilson for accuracies, paired bootstrap for Δ); greedy, two attempts.",
+        "## Runs (from each run.json)",
         "",
-        "| arm | train (s) | eval (s) | date | hardware |",
-        "|---|---|---|---|---|",
+        "| arm | seed | train (s) | eval (s) | transfer (s) | date | hardware | commit | dirty | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['arm']} | {r['train_seconds']} | {r['eval_seconds']} | {r['date']} | {r['hardware']} |" for r in runs
-    ]
+    for r in runs:
+        cells = [r["arm"], r.get("seed"), r["train_seconds"], r["eval_seconds"], r.get("transfer_seconds", "–")]
+        cells += [r["date"], r["hardware"], r.get("commit", "?")[:7], r.get("dirty", "?"), r.get("peak_rss_mib", "?")]
+        lines.append("| " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

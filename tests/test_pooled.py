@@ -1,0 +1,93 @@
+"""Pooled reproduction statistics over seeds: per-problem values, the two-level bootstrap, paired differences and the
+results page, on hand-made records whose answers are known."""
+
+import json
+
+import pytest
+
+from score_trl.cli.pooled import (
+    load_runs,
+    paired_difference,
+    problem_values,
+    results_markdown,
+    seeds_of,
+    verdict,
+)
+from score_trl.stats import two_level_bootstrap
+
+
+def records(pairs, texts=None):
+    """Records from (r1, r2) pairs; texts default to the reward written out (so a changed reward changes the text)."""
+    texts = texts or [(f"The answer is {r1}.", f"The answer is {r2}.") for r1, r2 in pairs]
+    return [
+        {"index": i, "sample": 0, "reward_1": r1, "reward_2": r2, "attempt_1": a, "attempt_2": b}
+        for i, ((r1, r2), (a, b)) in enumerate(zip(pairs, texts, strict=True))
+    ]
+
+
+def test_problem_values_by_hand():
+    rows = records([(0, 1), (1, 0), (1, 1), (0, 0)], texts=[("a 3", "b 4"), ("x 5", "x 6"), ("7", "7"), ("8", "8 ")])
+    assert problem_values(rows, "accuracy_t1") == [0, 1, 1, 0]
+    assert problem_values(rows, "accuracy_t2") == [1, 0, 1, 0]
+    assert problem_values(rows, "delta") == [1, -1, 0, 0]
+    assert problem_values(rows, "incorrect_to_correct") == [1, 0, 0, 0]
+    assert problem_values(rows, "correct_to_incorrect") == [0, 1, 0, 0]
+    assert problem_values(rows, "text_changed") == [1, 1, 0, 0]
+    assert problem_values(rows, "answer_changed") == [1, 1, 0, 0]
+
+
+def test_two_level_bootstrap_by_hand():
+    # constant within and across seeds: no spread
+    assert two_level_bootstrap([[0.5] * 10] * 3) == {"mean": 0.5, "low": 0.5, "high": 0.5, "seeds": 3, "problems": 30}
+    # constant within each seed, seeds at 0, 1/2, 1: the spread is the seeds' alone. The mean of three seeds drawn
+    # with replacement is 0 with probability 1/27 (3.7% > 2.5%), so the interval is [0, 1]
+    result = two_level_bootstrap([[0.0] * 50, [0.5] * 50, [1.0] * 50], draws=4000)
+    assert (result["mean"], result["low"], result["high"]) == (0.5, 0.0, 1.0)
+    # one seed: the problem-level percentile bootstrap of a mean (half ones: ±1.96·sqrt(.25/400) ≈ ±0.049)
+    one = two_level_bootstrap([[1.0, 0.0] * 200], draws=4000)
+    assert one["low"] == pytest.approx(0.451, abs=0.012) and one["high"] == pytest.approx(0.549, abs=0.012)
+    with pytest.raises(ValueError, match="at least one seed"):
+        two_level_bootstrap([[1.0], []])
+
+
+def test_paired_difference_keeps_the_pairing():
+    # arm a is arm b plus one extra correct problem per seed: every paired difference is 0 except one problem, so the
+    # interval is tight; unpaired, the accuracies' own spread (~±5 points) would swamp the 0.5-point difference
+    base = [(r, r) for r in [1.0, 0.0] * 100]
+    runs = {"a": {0: records([(1.0, 1.0), (1.0, 1.0)] + base[2:])}, "b": {0: records(base)}}  # a: problem 1 right
+    result = paired_difference(runs, "a", "b", "accuracy_t2", [0], draws=2000)
+    assert result["mean"] == pytest.approx(1 / 200) and 0.0 <= result["low"] <= result["high"] <= 0.015
+    assert verdict(result) in ("above 0", "includes 0")
+    assert verdict({"low": -0.2, "high": -0.1}) == "below 0" and verdict({"low": 0.1, "high": 0.2}) == "above 0"
+    runs["c"] = {0: records(base[:10])}
+    with pytest.raises(ValueError, match="pair only evaluations of one split"):
+        paired_difference(runs, "a", "c", "delta", [0])
+
+
+def write_arm(folder, rows):
+    folder.mkdir(parents=True)
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "summary.json").write_text("{}")
+
+
+def test_results_page_from_files(tmp_path):
+    # 40 problems. base: 10 right at both attempts; score: seed 0 corrects 10 more at t2, seed 1 corrects 20
+    write_arm(tmp_path / "base", records([(1, 1)] * 10 + [(0, 0)] * 30))
+    write_arm(tmp_path / "seed0" / "score", records([(1, 1)] * 10 + [(0, 1)] * 10 + [(0, 0)] * 20))
+    write_arm(tmp_path / "seed1" / "score", records([(1, 1)] * 10 + [(0, 1)] * 20 + [(0, 0)] * 10))
+    (tmp_path / "seed2" / "score").mkdir(parents=True)  # unfinished: no summary.json, not pooled
+    runs = load_runs(tmp_path, ["base", "score", "rloo"])
+    assert set(runs) == {"base", "score"} and set(runs["score"]) == {0, 1} and seeds_of(runs) == [0, 1]
+    page = results_markdown(tmp_path, ["base", "score", "rloo"], "test", draws=500)
+    assert "Seeds pooled: [0, 1]" in page
+    # pooled score: Acc@t1 = 25, Acc@t2 = mean(50, 75) = 62.5, Δ = mean(25, 50) = 37.5 points
+    row = next(line for line in page.splitlines() if line.startswith("| score |"))
+    cells = row.split(" | ")
+    assert cells[1].startswith("25.0 [") and cells[2].startswith("62.5 [") and cells[3].startswith("+37.5 [")
+    assert "| score | 0 | 25.0 | 50.0 | 25.0 | 25.0 | 0.0 | 25.0 | 25.0 |" in page  # per seed, text/answer changed
+    assert "| base | – | 25.0 | 25.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 |" in page
+    assert "| Δ(t1,t2)(score) − Δ(t1,t2)(base) | +37.5" in page
+    target = next(line for line in page.splitlines() if line.startswith("- SCoRe Δ > 0"))
+    assert "**met**" in target and "+37.5" in target
+    best = next(line for line in page.splitlines() if line.startswith("- SCoRe's Acc@t2"))
+    assert "(base, 25.0" in best and "**met**" in best
