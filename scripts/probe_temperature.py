@@ -30,7 +30,7 @@ def main():
     prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=False) for r in rows]
     results = {}
     for temperature in own.temperatures:
-        set_seed(args.seed)
+        set_seed(args.seeds[0])
         generate = TransformersGenerator(
             model, tokenizer, args.max_completion_length, do_sample=True, temperature=temperature
         )
