@@ -79,7 +79,7 @@ def plot_curves(histories: dict[str, list[list[dict]]], path: str | Path, window
         ("incorrect_to_correct", "i→c (solid), c→i (dashed)"),
     ]
     for i, (arm, runs) in enumerate(histories.items()):
-        color = f"C{i}"
+        color, seeds = f"C{i}", f"{len(runs)} seed{'s' * (len(runs) > 1)}"
         series = [reward_series(h) | revision_series(h) for h in runs]
         for axis, (key, title) in zip(axes.flat, panels, strict=True):
             keys = [key, "correct_to_incorrect"] if key == "incorrect_to_correct" else [key]
@@ -89,7 +89,7 @@ def plot_curves(histories: dict[str, list[list[dict]]], path: str | Path, window
                     continue
                 steps, values = zip(*points, strict=True)
                 axis.plot(steps, values, color=color, alpha=0.25, linewidth=0.8, linestyle=style)
-                label = f"{arm} ({len(runs)} seeds)" if (axis is axes.flat[0] and style == "-") else None
+                label = f"{arm} ({seeds})" if (axis is axes.flat[0] and style == "-") else None
                 axis.plot(steps, moving_average(list(values), window), color=color, linestyle=style, label=label)
             axis.set_title(title)
             axis.set_xlabel("step")
