@@ -179,6 +179,9 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     main(args)  # a rerun replaces the chosen arm and seed only
     assert (output / "seed0" / "score" / "summary.json").stat().st_mtime_ns != mtime["score"]
     assert (output / "seed0" / "rloo" / "summary.json").stat().st_mtime_ns == mtime["rloo"]
+    args.arms = ["rloo"]
+    main(args)  # a retrained rloo arm drops the merged model its old adapter made
+    assert not (work / "seed0" / "rloo" / "merged").exists()
     args.arms, args.seeds = ["rloo_then_score"], [7]  # no rloo arm for seed 7
     with pytest.raises(FileNotFoundError, match="run the rloo arm for seed 7 first"):
         main(args)

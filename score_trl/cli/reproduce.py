@@ -241,6 +241,7 @@ def run_arm(arm: str, args: ReproduceArguments, seed: int, path: str, tokenizer,
         trainer = train_arm(arm, args, seed, start, tokenizer, data["train"], numeric_reward)
         model, log_history = trainer.model, trainer.state.log_history
         model.save_pretrained(work / "adapter")  # kept (not committed) for score-eval --adapter on other data
+        shutil.rmtree(work / "merged", ignore_errors=True)  # a retrained rloo arm: its continuations rebuild it
         (out / "log_history.json").write_text(json.dumps(log_history, indent=1))
     trained = time.time()
     generator = TransformersGenerator(model, tokenizer, max_new_tokens=args.eval_max_new_tokens)
