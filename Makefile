@@ -27,7 +27,7 @@ install: $(VENV)/.installed
 demo: install
 	$(LAUNCH) scripts/train_score.py recipes/demo_smollm2.yaml
 
-# The self-correction result and its ablations on generated arithmetic (CPU, ~2.5 hours per seed; docs/results). One arm:
+# The self-correction result and its ablations on generated arithmetic (CPU, ~2 hours per seed; docs/results). One arm:
 # make reproduce ARMS=score (several: ARMS="score rloo"), SEEDS="0 1 2"; RESUME=1 keeps arms a stopped run finished
 reproduce: install
 	$(PY) scripts/reproduce.py recipes/reproduce/smollm2_cpu.yaml $(if $(SEEDS),--seeds $(SEEDS)) $(if $(ARMS),--arms $(ARMS)) $(if $(RESUME),--resume true)
