@@ -100,7 +100,7 @@ def load_runs(output_dir: str | Path, arms: list[str], subdir: str = "") -> dict
     return runs
 
 
-SIGNED = {"delta", "difference"}
+SIGNED = {"delta"}  # keys shown with a sign (a difference of two attempts); shares are unsigned
 # Paired comparisons the reproduction reports: (metric, arm a, arm b), read as metric(a) − metric(b)
 COMPARISONS = [
     ("delta", "score", "rloo"),
