@@ -1,20 +1,34 @@
 """Choose the training sampling temperature on the validation split (never the test split): for each temperature,
 sample `--samples` first attempts per validation question and report the sampled accuracy and the share of questions
 whose samples disagree (the groups RLOO and SCoRe can learn from; a group that is all right or all wrong has zero
-advantage). Writes a JSON file.
+advantage). Also the greedy first-attempt accuracy (the base model's). Writes a JSON file with the provenance
+(commit, versions, command, date, hardware, wall time, peak RSS).
 
     python scripts/probe_temperature.py recipes/reproduce/smollm2_cpu.yaml --temperatures 1.0 0.7 --out probe.json
 """
 
 import argparse
+import datetime
 import json
+import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, set_seed
 
-from score_trl.cli.reproduce import load, parse_args
+from score_trl.cli.common import provenance
+from score_trl.cli.reproduce import hardware, load, parse_args
 from score_trl.generation import TransformersGenerator
 from score_trl.rewards import numeric_reward
+
+
+def first_attempts(model, tokenizer, prompts, rows, max_new_tokens, **sampling) -> list[float]:
+    """numeric_reward of one first attempt per prompt, generated 40 prompts at a time."""
+    generate = TransformersGenerator(model, tokenizer, max_new_tokens, **sampling)
+    ids = [c for i in range(0, len(prompts), 40) for c in generate(prompts[i : i + 40])]
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    return numeric_reward(completions, answer=[r["answer"] for r in rows])
 
 
 def main():
@@ -24,22 +38,22 @@ def main():
     parser.add_argument("--out", default="probe_temperature.json")
     own, rest = parser.parse_known_args()
     args = parse_args(rest)
+    started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     path, tokenizer, data = load(args)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     rows = list(data["validation"])
     prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=False) for r in rows]
+    greedy = first_attempts(model, tokenizer, prompts, rows, args.max_completion_length, do_sample=False)
+    print("greedy accuracy", sum(greedy) / len(greedy), flush=True)
     results = {}
     for temperature in own.temperatures:
         set_seed(args.seeds[0])
-        generate = TransformersGenerator(
-            model, tokenizer, args.max_completion_length, do_sample=True, temperature=temperature
-        )
-        per_sample = []
-        for _ in range(own.samples):
-            ids = [c for i in range(0, len(prompts), 40) for c in generate(prompts[i : i + 40])]
-            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-            completions = [[{"role": "assistant", "content": t}] for t in texts]
-            per_sample.append(numeric_reward(completions, answer=[r["answer"] for r in rows]))
+        per_sample = [
+            first_attempts(
+                model, tokenizer, prompts, rows, args.max_completion_length, do_sample=True, temperature=temperature
+            )
+            for _ in range(own.samples)
+        ]
         groups = list(zip(*per_sample, strict=True))
         results[temperature] = {
             "sampled_accuracy": sum(map(sum, groups)) / (own.samples * len(groups)),
@@ -47,8 +61,22 @@ def main():
             "questions": len(groups),
         }
         print(temperature, results[temperature], flush=True)
+    Path(own.out).parent.mkdir(parents=True, exist_ok=True)
     with open(own.out, "w") as f:
-        json.dump({"split": "validation", "samples": own.samples, "results": results}, f, indent=2)
+        record = {
+            "split": "validation",
+            "model": args.gguf_file or args.model_name_or_path,
+            "chat_template": args.chat_template,
+            "samples": own.samples,
+            "max_new_tokens": args.max_completion_length,
+            "greedy_accuracy": sum(greedy) / len(greedy),
+            "results": results,
+            "date": started.isoformat(timespec="seconds"),
+            "hardware": hardware(),
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            **provenance(),
+        }
+        json.dump(record, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ whole `score-reproduce` pipeline on the tiny local model."""
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,17 +113,33 @@ def test_transfer_set_asks_the_test_facts_in_other_words():
         assert all(str(x) in text or WORDS[x] in text for x in (a, b)), row
 
 
-@pytest.mark.parametrize("recipe", ["smollm2_cpu.yaml", "gpu.yaml"])
-def test_reproduction_recipes_parse(recipe):
-    from pathlib import Path
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes" / "reproduce"
 
+
+@pytest.mark.parametrize("recipe", ["smollm2_cpu.yaml", "gpu.yaml", "gemma3_270m_cpu.yaml"])
+def test_reproduction_recipes_parse(recipe):
     from score_trl.cli.reproduce import ARMS, parse_args
 
-    args = parse_args([str(Path(__file__).resolve().parents[1] / "recipes" / "reproduce" / recipe)])
-    assert args.arms[:3] == ["base", "rloo", "score"] and set(args.arms) == set(ARMS) and len(args.seeds) >= 3
-    assert args.arms.index("rloo") < args.arms.index("rloo_then_score")  # the continuation arms start from rloo
+    args = parse_args([str(RECIPES_DIR / recipe)])
+    arms = ARMS if recipe != "gemma3_270m_cpu.yaml" else ("base", "rloo", "score")  # the second model's minimum
+    assert args.arms[:3] == ["base", "rloo", "score"] and set(args.arms) == set(arms) and len(args.seeds) >= 3
+    if "rloo_then_score" in args.arms:
+        assert args.arms.index("rloo") < args.arms.index("rloo_then_score")  # the continuation arms start from rloo
     assert (args.alpha, args.beta, args.beta2) == (10.0, 0.01, 0.1)  # the paper's
     assert 0 < args.stage_one_steps < args.max_steps and args.eval_split == "test" and args.n_test >= 300
+
+
+def test_second_model_recipe_differs_from_smollm2s_only_in_model_temperature_and_folders():
+    """Gemma 3 270M gets the same task, splits, budget and SCoRe settings as SmolLM2, so the two are comparable."""
+    from dataclasses import asdict
+
+    from score_trl.cli.reproduce import parse_args
+
+    smollm2 = asdict(parse_args([str(RECIPES_DIR / "smollm2_cpu.yaml")]))
+    gemma = asdict(parse_args([str(RECIPES_DIR / "gemma3_270m_cpu.yaml")]))
+    differing = {key for key in smollm2 if smollm2[key] != gemma[key]}
+    assert differing <= {"gguf_file", "chat_template", "temperature", "arms", "output_dir", "work_dir"}, differing
+    assert gemma["output_dir"] != smollm2["output_dir"] and gemma["work_dir"] != smollm2["work_dir"]
 
 
 def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
