@@ -22,17 +22,30 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 class TransformersGenerator:
     """Greedy or sampled generation with transformers: padded `generate`, or continuous batching (`generate_batch`).
-    The model samples in eval mode (no dropout) and is put back in the mode it was in."""
+    The model samples in eval mode (no dropout) and is put back in the mode it was in. Sampling draws from the whole
+    temperature-scaled distribution by default (`top_p=1.0, top_k=0`), as RLOOTrainer's defaults and vLLM do."""
 
-    def __init__(self, model, tokenizer, max_new_tokens=256, do_sample=False, temperature=1.0, continuous=False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_new_tokens=256,
+        do_sample=False,
+        temperature=1.0,
+        continuous=False,
+        top_p=1.0,
+        top_k=0,
+    ):
         self.model, self.tokenizer, self.continuous = model, tokenizer, continuous
         self.stop_ids = eos_token_ids(model, tokenizer)
         self.config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature if do_sample else None,
-            top_p=None,
-            top_k=None,
+            # Set, not None: generate() fills a None with transformers' global default top_k=50, which would sample a
+            # truncated distribution that training (RLOO's top_k=0) never samples
+            top_p=top_p if do_sample else None,
+            top_k=top_k if do_sample else None,
             eos_token_id=self.stop_ids,
             pad_token_id=tokenizer.pad_token_id,
         )

@@ -93,6 +93,44 @@ def is_png(path: Path) -> bool:
     return data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and width > 100 and height > 100
 
 
+def test_sampling_draws_what_rloo_training_draws(tiny_model, tokenizer):
+    """`do_sample` samples the distribution RLOOTrainer samples in training (its generation kwargs with RLOOConfig's
+    defaults: top_k=0, top_p=1.0), token for token under one seed. Left unset, generate() would cut the distribution to
+    transformers' default top_k=50: a sampled evaluation or temperature probe would then measure another sampler."""
+    import dataclasses
+
+    from transformers import GenerationConfig, set_seed
+    from trl import RLOOConfig
+
+    from score_trl.generation import TransformersGenerator, cut_at_stop, sample_padded
+
+    defaults = {f.name: f.default for f in dataclasses.fields(RLOOConfig)}
+    messages = [{"role": "user", "content": f"What is {a} + 3?"} for a in range(8)]
+    prompts = [tokenizer.apply_chat_template([m], add_generation_prompt=True, return_dict=False) for m in messages]
+    generator = TransformersGenerator(tiny_model, tokenizer, max_new_tokens=12, do_sample=True, temperature=1.3)
+    rloo_config = GenerationConfig(  # as rloo_trainer.py builds it for transformers generation
+        max_new_tokens=12,
+        do_sample=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=generator.stop_ids,
+        temperature=1.3,
+        top_p=defaults["top_p"],
+        top_k=defaults["top_k"],
+        min_p=defaults["min_p"],
+        repetition_penalty=defaults["repetition_penalty"],
+    )
+    set_seed(0)
+    ours = generator(prompts)
+    set_seed(0)
+    sampled = sample_padded(tiny_model.eval(), prompts, rloo_config, tokenizer.pad_token_id)
+    theirs = cut_at_stop(sampled, generator.stop_ids)
+    assert ours == theirs
+    set_seed(0)
+    truncated = TransformersGenerator(tiny_model, tokenizer, 12, do_sample=True, temperature=1.3, top_k=50)(prompts)
+    assert truncated != ours  # the cut is visible: the comparison above can fail
+
+
 def test_end_to_end_tiny_model_on_gsm8k_rows(tmp_path, tiny_model_dir):
     data = write_gsm8k(tmp_path / "gsm8k.jsonl")
     cli(eval_args(tiny_model_dir, data, tmp_path / "run", "--batch_size", "3", "--label", "tiny"))

@@ -45,7 +45,10 @@ class EvalArguments(DataArguments, ModelSourceArguments):
     batch_size: int = field(default=8, metadata={"help": "Problems per generation batch (and per JSONL flush)."})
     max_new_tokens: int = field(default=512, metadata={"help": "Max new tokens per attempt."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with do_sample)."})
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature (with do_sample); no top-k or top-p cut, as in RLOO training."},
+    )
     num_samples: int = field(default=1, metadata={"help": "Attempts per problem when sampling."})
     num_attempts: int = field(
         default=2, metadata={"help": "Attempts per problem: y1 and num_attempts - 1 corrections (>= 2)."}
