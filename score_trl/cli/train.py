@@ -166,6 +166,7 @@ def main(script_args, training_args, model_args):
     reward_funcs = get_reward_funcs(script_args.reward_funcs or [task_of(train_dataset).reward])
 
     trainer = SCoReTrainer(
+        callbacks=step_report_callbacks(),
         model=model_path,
         reward_funcs=reward_funcs,
         args=training_args,
@@ -179,7 +180,7 @@ def main(script_args, training_args, model_args):
     before = _compare(trainer, eval_dataset, reward_funcs, script_args) if script_args.compare_before_after else None
     trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     trainer.accelerator.print("Training completed.")
-    if trainer.accelerator.device.type == "cuda":  # read by scripts/gpu_check.py
+    if trainer.accelerator.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(trainer.accelerator.device) / 2**30
         trainer.accelerator.print(f"Peak GPU memory: {peak:.2f} GiB (torch.cuda.max_memory_allocated)")
     trainer.save_model(training_args.output_dir)
@@ -196,6 +197,34 @@ def main(script_args, training_args, model_args):
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
         trainer.end()
     return trainer
+
+
+STEP_REPORT = "SCORE_TRL_STEP_REPORT"
+
+
+def step_report_callbacks() -> list:
+    """With the environment variable SCORE_TRL_STEP_REPORT set to a file: one JSON line per logged training step
+    (the logged metrics, the step, and torch's peak GPU memory so far), written and flushed as the step is logged.
+    `scripts/gpu_check.py` reads it while the run goes on, so a run stopped at its time limit keeps its figures."""
+    import json
+    import os
+
+    import torch
+    from transformers import TrainerCallback
+
+    path = os.environ.get(STEP_REPORT)
+    if not path:
+        return []
+
+    class StepReport(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or "loss" not in (logs or {}):
+                return
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+            with open(path, "a") as report:
+                report.write(json.dumps({**logs, "step": state.global_step, "peak_gpu_memory_gib": peak}) + "\n")
+
+    return [StepReport()]
 
 
 def _compare(trainer, eval_dataset, reward_funcs, script_args) -> dict | None:
