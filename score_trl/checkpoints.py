@@ -25,16 +25,20 @@ WEIGHT_FILES = (
     "adapter_model.bin",
 )
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_GLOBAL_STEP = re.compile(r"^global_step\d+$")
+_RNG_RANK = re.compile(r"^rng_state_\d+\.pth$")
+# DeepSpeed's shard names; bf16 runs prefix the optimizer's with "bf16_"
+_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_\d+_(?P<kind>optim|model)_states\.pt$")
 
 
 def missing_parts(folder: str | Path) -> list[str]:
     """What a checkpoint folder lacks to be resumed, in save order; empty when it is complete.
 
-    DeepSpeed keeps optimizer and scheduler in its own `global_step*` folder, announced by a `latest` file it writes
-    after them; FSDP writes `optimizer_*` entries. Safetensors and torch zip files are checked for truncation."""
+    DeepSpeed keeps optimizer and scheduler in its own `global_step*` folder (see `deepspeed_missing`); FSDP writes
+    `optimizer_*` entries. Safetensors and torch zip files are checked for truncation."""
     folder = Path(folder)
     names = {p.name for p in folder.iterdir()}
-    deepspeed = "latest" in names
+    deepspeed = "latest" in names or any(_GLOBAL_STEP.match(name) for name in names)
     missing = []
     if not any(name in names for name in WEIGHT_FILES) and not deepspeed:
         missing.append("weights (model.safetensors or adapter_model.safetensors)")
@@ -46,10 +50,35 @@ def missing_parts(folder: str | Path) -> list[str]:
         missing.append("rng_state.pth")
     if "trainer_state.json" not in names:
         missing.append("trainer_state.json")
+    if deepspeed:
+        missing += deepspeed_missing(folder, names)
     missing += [
         f"{name} (cut short)" for name in sorted(names) if (folder / name).is_file() and not _intact(folder / name)
     ]
     return missing
+
+
+def deepspeed_missing(folder: Path, names: set[str]) -> list[str]:
+    """What DeepSpeed's part of a checkpoint lacks. Each rank writes its shards into `global_stepN/` (ZeRO-2: one
+    `mp_rank_00_model_states.pt` and an optimizer shard per rank; ZeRO-3: a model and an optimizer shard per rank),
+    then rank 0 writes `latest` naming the folder, without waiting for the other ranks. So `latest` alone does not
+    prove the folder whole: every rank's shards must be there, intact. The number of ranks is read from the
+    `rng_state_{rank}.pth` files transformers writes after DeepSpeed is done (one `rng_state.pth` alone: one rank)."""
+    if "latest" not in names:
+        return ["latest (DeepSpeed writes it after the global_step folder)"]
+    tag = (folder / "latest").read_text().strip()
+    shards = folder / tag
+    if not tag or not shards.is_dir():
+        return [f"{tag or '?'}/ (the folder `latest` names)"]
+    files = {p.name for p in shards.iterdir() if p.is_file()}
+    ranks = len([n for n in names if _RNG_RANK.match(n)]) or 1
+    per_rank_model = any(_SHARD.match(n) and n.endswith("_model_states.pt") for n in files)
+    missing = [] if per_rank_model or "mp_rank_00_model_states.pt" in files else [f"{tag}/mp_rank_00_model_states.pt"]
+    for rank in range(ranks):
+        for kind in ("optim",) + (("model",) if per_rank_model else ()):
+            if not any((m := _SHARD.match(n)) and m["rank"] == str(rank) and m["kind"] == kind for n in files):
+                missing.append(f"{tag}/zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt")
+    return missing + [f"{tag}/{name} (cut short)" for name in sorted(files) if not _intact(shards / name)]
 
 
 def _intact(path: Path) -> bool:

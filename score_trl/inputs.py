@@ -1,6 +1,7 @@
 """Checks on what a user hands the trainer, run before any model loads: each failure names the input and the fix."""
 
 import itertools
+import os
 
 from datasets import Dataset, IterableDataset
 from jinja2 import TemplateError
@@ -17,6 +18,17 @@ def surviving_columns(rows: list[dict], remove_unused_columns: bool) -> list[dic
     if not remove_unused_columns:
         return rows
     return [{key: value for key, value in row.items() if key in TRAINER_COLUMNS} for row in rows]
+
+
+def check_engine(args):
+    """Refuse an FSDP launch on CPU. accelerate turns an FSDP config into FSDP only on GPU-type devices; on CPU it
+    silently trains plain DDP, every parameter whole on every rank, which is not what was asked for."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and args.device.type == "cpu":
+        raise ValueError(
+            "An FSDP accelerate config was launched on CPU, where accelerate does not apply FSDP and would silently "
+            "run DDP instead. On CPU launch with DDP (--multi_gpu) or DeepSpeed "
+            "(recipes/accelerate_configs/cpu/zero2.yaml, zero3.yaml); use FSDP on GPUs."
+        )
 
 
 def named_eval_datasets(eval_dataset):

@@ -20,6 +20,7 @@ from .generation import cut_at_stop, sample_padded
 from .inputs import (
     TRAINER_COLUMNS,
     check_dataset,
+    check_engine,
     check_renders,
     check_tokenizer,
     default_tokenizer,
@@ -157,6 +158,7 @@ class SCoReTrainer(RLOOTrainer):
             )
 
         # Everything below fails before any model work: a bad dataset, reward or tokenizer should not cost a load.
+        check_engine(args)
         if isinstance(model, str):
             check_model_path(model)
         first = check_dataset(train_dataset, "train_dataset", args.generation_batch_size // args.num_generations)

@@ -109,7 +109,7 @@ def main():
         pip_download([BITSANDBYTES], Path(tmp), PLATFORM)
         slim_bitsandbytes(next(Path(tmp).glob("bitsandbytes-*.whl")), out / "wheels")
     (out / "sdist").mkdir()
-    pip_download(["deepspeed"], out / "sdist", ["--no-binary=:all:"])
+    pip_download([pinned("deepspeed")], out / "sdist", ["--no-binary=:all:"])
     write_tokenizer(out / "tokenizer")
     (out / "data").mkdir()
     rows = Path(args.data).read_text().splitlines()[: args.rows]

@@ -232,3 +232,36 @@ def test_two_process_launch_of_the_demo_on_an_empty_cache(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def deepspeed_checkpoint(folder: Path, shards: list[str], latest: str | None = "global_step7") -> Path:
+    """A checkpoint as transformers and DeepSpeed (ZeRO-2, bf16, two ranks) write it, reduced to small files."""
+    folder.mkdir()
+    for name in ["scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"]:
+        torch.save({}, folder / name)
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / "global_step7").mkdir()
+    for name in shards:
+        torch.save({}, folder / "global_step7" / name)
+    if latest is not None:
+        (folder / "latest").write_text(latest)
+    return folder
+
+
+ZERO2_BF16_SHARDS = ["mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                     "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # fmt: skip
+
+
+def test_deepspeed_checkpoints_need_every_ranks_shard_and_latest(tmp_path):
+    assert missing_parts(deepspeed_checkpoint(tmp_path / "whole", ZERO2_BF16_SHARDS)) == []
+    # rank 0 writes `latest` without waiting for rank 1's shard
+    early = deepspeed_checkpoint(tmp_path / "early", ZERO2_BF16_SHARDS[:2])
+    assert missing_parts(early) == ["global_step7/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert missing_parts(deepspeed_checkpoint(tmp_path / "unnamed", ZERO2_BF16_SHARDS, latest=None)) == [
+        "latest (DeepSpeed writes it after the global_step folder)"
+    ]
+    elsewhere = deepspeed_checkpoint(tmp_path / "elsewhere", ZERO2_BF16_SHARDS, latest="global_step8")
+    assert missing_parts(elsewhere) == ["global_step8/ (the folder `latest` names)"]
+    cut_short = deepspeed_checkpoint(tmp_path / "cut", ZERO2_BF16_SHARDS)
+    (cut_short / "global_step7" / ZERO2_BF16_SHARDS[0]).write_bytes(b"PK\x03\x04")
+    assert missing_parts(cut_short) == [f"global_step7/{ZERO2_BF16_SHARDS[0]} (cut short)"]

@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None):
 
 def check_launch(script_args, training_args, model_args):
     """Combinations that cannot work, refused before anything is loaded."""
+    from ..inputs import check_engine
+
     if not script_args.dataset_name:
         raise ValueError("dataset_name is required: a local .jsonl/.json/.csv file or a hub dataset id.")
     if not model_args.model_name_or_path and not script_args.gguf_file:
@@ -86,6 +88,7 @@ def check_launch(script_args, training_args, model_args):
             "DeepSpeed ZeRO-3 cannot shard bitsandbytes 4/8-bit weights. Launch QLoRA with "
             "recipes/accelerate_configs/zero2.yaml or multi_gpu.yaml, or use ZeRO-3 without quantization."
         )
+    check_engine(training_args)
     if quantized and training_args.use_cpu:
         raise ValueError("bitsandbytes quantization needs a GPU; drop load_in_4bit/load_in_8bit for CPU runs.")
 
