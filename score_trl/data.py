@@ -204,6 +204,13 @@ def to_score_rows(
     return out
 
 
+def default_reward_names(dataset) -> list[str]:
+    """The reward for rows built here: their task's (`TASKS[task].reward`), or `task` (each row its own task's
+    reward, `rewards.task_reward`) when the rows mix tasks."""
+    tasks = sorted(set(dataset["task"]))
+    return [TASKS[tasks[0]].reward] if len(tasks) == 1 else ["task"]
+
+
 def load_score_dataset(
     path_or_id: str, split: str = "train", config_name: str | None = None, limit: int | None = None, **kwargs
 ) -> Dataset:

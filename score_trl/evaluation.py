@@ -1,8 +1,10 @@
 """Self-correction evaluation: the paper's Acc@t1, Acc@t2, Δ, Δi→c, Δc→i with confidence intervals, for K attempts.
 
-For each problem: y1, then the correction turn built from token ids exactly as in training (`score_trl.turns`), then
-y2 (and so on up to yK), all from a generator (`score_trl.generation`); every attempt is scored with the task's
-reward. Results are appended per problem to a JSONL file, so a killed run continues where it stopped.
+For each problem: y1, then the correction turn built from token ids exactly as in training (`generation.roll_out`,
+`score_trl.turns`), then y2 (and so on up to yK), all from a generator (`score_trl.generation`); every attempt is
+scored as training scores it (`score_trl.scoring`: the conversation it answered, the reward functions combined with
+their weights and clipping). "Answer changed" reads the answer the reward grades. Results are appended per problem to
+a JSONL file, so a killed run continues where it stopped.
 """
 
 import json
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .generation import Generator, generate_attempts
+from .scoring import answered_conversations, graded_answer, score_texts
 from .stats import bootstrap_interval, edit_stats, self_correction_stats, wilson_interval
 from .turns import instruction_for
 
@@ -29,6 +32,9 @@ def evaluate(
     threshold: float = 0.5,
     progress: bool = True,
     num_attempts: int = 2,
+    chat_template_kwargs: dict | None = None,
+    reward_weights: list[float] | None = None,
+    reward_clip_range: tuple[float, float] | None = None,
 ) -> dict:
     """Evaluate self-correction on `dataset` (rows from `score_trl.data`); returns `summarize(records)`.
 
@@ -36,7 +42,9 @@ def evaluate(
     `score_trl.generation`. Each problem gets `num_attempts` attempts (y1 and num_attempts - 1 corrections), and is
     attempted `num_samples` times (more than one only means something with a sampling generator). With `output_jsonl`,
     each problem's record is appended as soon as it is scored and problems already in the file are skipped, so an
-    interrupted evaluation resumes without redoing work.
+    interrupted evaluation resumes without redoing work. `chat_template_kwargs`, `reward_weights` and
+    `reward_clip_range` are the training config's (`SCoReConfig`), so that prompts render and rewards combine as in
+    training.
     """
     rows = list(dataset)[:limit] if limit is not None else list(dataset)
     records = read_records(output_jsonl) if output_jsonl else []
@@ -47,9 +55,8 @@ def evaluate(
         bar = _progress(len(jobs), progress)
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start : start + batch_size]
-            new = _evaluate_batch(
-                generator, tokenizer, rows, batch, reward_funcs, correction_instruction, num_attempts
-            )
+            new = _evaluate_batch(generator, tokenizer, rows, batch, reward_funcs, correction_instruction,
+                                  num_attempts, chat_template_kwargs, (reward_weights, reward_clip_range))  # fmt: skip
             records += new
             if out is not None:
                 out.write("".join(json.dumps(record) + "\n" for record in new))
@@ -59,17 +66,22 @@ def evaluate(
     finally:
         if out is not None:
             out.close()
-    return summarize(records, threshold)
+    return summarize(records, threshold, graded_answer(reward_funcs))
 
 
-def _evaluate_batch(generator, tokenizer, rows, batch, reward_funcs, correction_instruction, num_attempts):
+def _evaluate_batch(generator, tokenizer, rows, batch, reward_funcs, correction_instruction, num_attempts,
+                    chat_template_kwargs, combine):  # fmt: skip
     """Records of one batch of (row index, sample) jobs: every attempt's text and reward."""
     batch_rows = [rows[i] for i, _ in batch]
     prompts = [row["prompt"] for row in batch_rows]
     instructions = [instruction_for(row, correction_instruction) for row in batch_rows]
-    attempts = generate_attempts(generator, tokenizer, prompts, instructions, num_attempts=num_attempts)
+    attempts = generate_attempts(generator, tokenizer, prompts, instructions, chat_template_kwargs, num_attempts)
     texts = [tokenizer.batch_decode(ids, skip_special_tokens=True) for ids in attempts]
-    rewards = [score(reward_funcs, prompts, attempt_texts, batch_rows) for attempt_texts in texts]
+    rewards = [
+        score_texts(reward_funcs, answered_conversations(prompts, texts, instructions, t), texts[t], batch_rows,
+                    *combine)  # fmt: skip
+        for t in range(num_attempts)
+    ]
     return [
         {
             "index": index,
@@ -81,18 +93,6 @@ def _evaluate_batch(generator, tokenizer, rows, batch, reward_funcs, correction_
         }
         for k, (index, sample) in enumerate(batch)
     ]
-
-
-def score(reward_funcs: list[Callable], prompts, texts: list[str], rows: list[dict]) -> list[float | None]:
-    """Sum of the rewards (TRL signature) per completion; None where every reward returned None."""
-    completions = [[{"role": "assistant", "content": text}] for text in texts]
-    columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
-    totals = [None] * len(texts)
-    for func in reward_funcs:
-        for i, value in enumerate(func(prompts=prompts, completions=completions, **columns)):
-            if value is not None:
-                totals[i] = (totals[i] or 0.0) + value
-    return totals
 
 
 def read_records(path) -> list[dict]:
@@ -116,10 +116,11 @@ def attempts_in(records: list[dict]) -> int:
     return max((int(key.split("_")[1]) for r in records for key in r if key.startswith("reward_")), default=2)
 
 
-def summarize(records: list[dict], threshold: float = 0.5) -> dict:
+def summarize(records: list[dict], threshold: float = 0.5, answer_of=None) -> dict:
     """The paper's table from evaluation records, for K attempts, under `score_trl.stats`' keys. Rows with an
     unscorable attempt are left out (and counted as `unscorable`). Adds 95% intervals: Wilson on each accuracy
-    (`accuracy_t{t}_ci`), a paired bootstrap on Δ (`delta_ci`)."""
+    (`accuracy_t{t}_ci`), a paired bootstrap on Δ (`delta_ci`). `answer_of` reads the answer the reward grades, for
+    `answer_changed` (`scoring.graded_answer`)."""
     k = attempts_in(records)
     scored = [r for r in records if all(r.get(f"reward_{t}") is not None for t in range(1, k + 1))]
     n = len(scored)
@@ -130,7 +131,8 @@ def summarize(records: list[dict], threshold: float = 0.5) -> dict:
     for t in range(k):
         summary[f"accuracy_t{t + 1}_ci"] = wilson_interval(int(correct[:, t].sum()), n)
     summary["delta_ci"] = bootstrap_interval((correct[:, -1] - correct[:, 0]).tolist())
-    return summary | edit_stats([r[f"attempt_{k - 1}"] for r in scored], [r[f"attempt_{k}"] for r in scored])
+    previous, last = [r[f"attempt_{k - 1}"] for r in scored], [r[f"attempt_{k}"] for r in scored]
+    return summary | edit_stats(previous, last, answer_of)
 
 
 def _row_id(row: dict, index: int):

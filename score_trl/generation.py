@@ -101,6 +101,19 @@ class VLLMGenerator:
         return [list(output.outputs[0].token_ids) for output in outputs]
 
 
+def roll_out(generate, context_ids: list[list[int]], bridges: list, num_attempts: int):
+    """The attempt loop, one for training and evaluation: attempt t is `generate(t, context_ids)`; the next context is
+    the previous one, the attempt and its correction turn, token for token (`turns.next_attempt_prompts`). Returns
+    (attempts[t][i], appended[t][i]: the correction-turn ids after attempt t)."""
+    attempts, appended = [], []
+    for t in range(num_attempts):
+        attempts.append(generate(t, context_ids))
+        if t + 1 < num_attempts:
+            added, context_ids = next_attempt_prompts(context_ids, attempts[-1], bridges)
+            appended.append(added)
+    return attempts, appended
+
+
 def generate_attempts(
     generator: Generator,
     tokenizer,
@@ -109,15 +122,14 @@ def generate_attempts(
     chat_template_kwargs: dict | None = None,
     num_attempts: int = 2,
 ) -> list[list[list[int]]]:
-    """`num_attempts` attempts (token ids) for a batch of conversational prompts; each later attempt's prompt is built
-    from the previous attempts' ids exactly as in training. Returns `attempts[t][i]`."""
+    """`num_attempts` attempts (token ids) for a batch of conversational prompts, rendered with the template and
+    `chat_template_kwargs` as RLOOTrainer renders them; each later attempt's prompt is built from the previous
+    attempts' ids exactly as in training (`roll_out`). Returns `attempts[t][i]`."""
     kwargs = chat_template_kwargs or {}
     context = tokenizer.apply_chat_template(
         prompts, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs
     )["input_ids"]
     bridges = {text: find_turn_bridge(tokenizer, text, kwargs) for text in set(instructions)}
-    attempts = [generator(context)]
-    for _ in range(num_attempts - 1):
-        _, context = next_attempt_prompts(context, attempts[-1], [bridges[text] for text in instructions])
-        attempts.append(generator(context))
+    attempts, _ = roll_out(lambda t, ids: generator(ids), context, [bridges[text] for text in instructions],
+                           num_attempts)  # fmt: skip
     return attempts

@@ -3,8 +3,8 @@
 
 The signal handler only records the signal. At the end of the optimizer step in progress, every process learns
 whether any process was signalled (one all-reduce of a single number), so all ranks save the same complete checkpoint
-and stop together; `SCoReTrainer.train` then exits with `PREEMPTED_EXIT_CODE`, and `resume_from_checkpoint="last"`
-continues from that step.
+and stop together; `SCoReTrainer.train` returns with `preempted_at` set, the entry point (`score-train`) ends the
+process with `PREEMPTED_EXIT_CODE` (`end_process`), and `resume_from_checkpoint="last"` continues from that step.
 """
 
 import atexit
@@ -63,11 +63,6 @@ class PreemptionCallback(TrainerCallback):
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
             flag = bool(tensor.item())
         return flag
-
-
-def exit_after_preemption(trainer):
-    """End the process with `PREEMPTED_EXIT_CODE` once the checkpoint is written (see `end_process`)."""
-    end_process(trainer, PREEMPTED_EXIT_CODE)
 
 
 def end_process(trainer, status: int = 0):

@@ -45,11 +45,18 @@ def last_boxed(text: str) -> str | None:
 # The paper's (Minerva's) closing sentence, exactly: what `math_strict` requires
 _STRICT_FINAL_ANSWER = re.compile(r"Final Answer:\s*The final answer is\s*(.+?)\.?\s*I hope it is correct", re.DOTALL)
 # Phrases that announce the final answer. The longest alternative comes first, so "Final Answer: The final answer is"
-# is one anchor, not two. "The answer is" needs its article: "answer is" alone also opens ordinary sentences.
+# is one anchor, not two. "The answer is" needs its article: "answer is" alone also opens ordinary sentences. "Answer:"
+# counts only at the start of a line (markdown bold, a heading or a quote mark may come first): inside a sentence it
+# also opens ordinary text. Markdown emphasis may close the label ("**Final Answer**: X", "**Answer:** X").
+_EMPHASIS = r"(?:\*\*|\*|__)?"
 _ANCHOR = re.compile(
-    r"final\s+answer\s*:\s*(?:the\s+final\s+answer\s+is\b\s*:?)?|\bthe\s+(?:final\s+)?answer\s+is\b\s*:?",
-    re.IGNORECASE,
+    rf"final\s+answer\s*{_EMPHASIS}\s*:\s*(?:the\s+final\s+answer\s+is\b\s*:?)?"
+    r"|\bthe\s+(?:final\s+)?answer\s+is\b\s*:?"
+    rf"|^[ \t>#*_]*answer\s*{_EMPHASIS}\s*:",
+    re.IGNORECASE | re.MULTILINE,
 )
+# Markdown emphasis around an answer ("**1080**", "*1080*", "__1080__"), which instruction-tuned models often write
+_EMPHASIS_MARKS = re.compile(r"^(?:\*\*|\*|__)\s*|\s*(?:\*\*|\*|__)$")
 _HASHES = re.compile(r"####\s*([^\n]+)")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
 # A number followed by words ("18 dollars", "5 apples each"): the words are units, not part of the answer
@@ -60,7 +67,10 @@ _SENTENCE_END = re.compile(r"\.(?:\s|$)|\s*I hope it is correct", re.IGNORECASE)
 
 
 def _clean(answer: str) -> str:
-    answer = answer.strip().rstrip(".").strip().replace("\u2212", "-")  # a typeset minus sign is a minus
+    answer = answer.strip().replace("\u2212", "-")  # a typeset minus sign is a minus
+    previous = None
+    while answer != previous:  # "**1080.**", "**1080**.": emphasis and the full stop, in either order
+        previous, answer = answer, _EMPHASIS_MARKS.sub("", answer.rstrip(".").strip())
     if len(answer) >= 2 and answer[0] == answer[-1] == "$":
         answer = answer[1:-1].strip()
     answer = _CURRENCY.sub("", answer)  # $18, \\$ 18: a dollar sign before a number is currency
@@ -76,6 +86,8 @@ def _anchored_value(text: str, start: int) -> str:
     """The answer written right after an anchor phrase: a `$...$`, `\\(...\\)` or `\\boxed{}` expression when one
     opens there, else the rest of the sentence (up to its full stop, the paper's closing clause or the line's end)."""
     line = text[start:].lstrip().split("\n", 1)[0]  # "The answer is:" may put the answer on the next line
+    if line.startswith(("*", "__")):  # "**Answer:** X", "The answer is **X**"
+        line = _EMPHASIS_MARKS.sub("", line, count=1).lstrip()
     for opening, closing in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if line.startswith(opening):
             end = _closing(line, closing, len(opening))
@@ -211,8 +223,8 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def normalize_text(text: str) -> str:
-    """Lower-case; numbers canonical (1,000 -> 1000, 5.0 -> 5, 2.50 -> 2.5); punctuation and articles dropped;
-    whitespace collapsed."""
+    """Lower-case; numbers canonical (1,000 -> 1000, 5.0 -> 5, 2.50 -> 2.5) and signed (-4 stays -4, a typeset minus
+    too); punctuation and articles dropped; whitespace collapsed."""
 
     def number(match):
         value = match.group(0).replace(",", "")
@@ -220,9 +232,11 @@ def normalize_text(text: str) -> str:
             value = value.rstrip("0").rstrip(".")
         return f" {value} "
 
-    text = _NUMBER.sub(number, text.lower())
-    # keep decimal points inside numbers, drop every other punctuation mark
-    text = re.sub(r"(?<=\d)\.(?=\d)", "\0", text).translate(_PUNCTUATION).replace("\0", ".")
+    text = _NUMBER.sub(number, text.lower().replace("\u2212", "-"))  # a typeset minus sign is a minus
+    # keep decimal points inside numbers and the sign before them, drop every other punctuation mark
+    text = re.sub(r"(?<=\d)\.(?=\d)", "\0", text)
+    text = re.sub(r"(?<![\w.])-(?=\d)", "\1", text).translate(_PUNCTUATION)
+    text = text.replace("\0", ".").replace("\1", "-")
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
@@ -333,6 +347,27 @@ def code_execution_reward(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Mixed tasks: each row's own reward
+
+
+def task_reward(completions, task=None, log_extra=None, **columns) -> list[float | None]:
+    """Each row scored by the reward of its own `task` column (`score_trl.data.TASKS`: math, code, short_answer,
+    arithmetic), so that data mixing tasks trains and evaluates every row against its own verifier. The CLIs use it
+    when the data holds more than one task and no `reward_funcs` are given; None for a row without a task."""
+    from .data import TASKS
+
+    tasks = task if task is not None else [None] * len(completions)
+    rewards: list[float | None] = [None] * len(completions)
+    for name in sorted({t for t in tasks if t is not None}):
+        rows = [i for i, t in enumerate(tasks) if t == name]
+        subset = {key: [values[i] for i in rows] for key, values in columns.items() if isinstance(values, list)}
+        scored = REWARD_FUNCS[TASKS[name].reward]([completions[i] for i in rows], **subset)
+        for i, value in zip(rows, scored, strict=True):
+            rewards[i] = value
+    return rewards
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Registry
 
 REWARD_FUNCS = {
@@ -341,12 +376,13 @@ REWARD_FUNCS = {
     "exact_match": exact_match_reward,
     "numeric": numeric_reward,
     "code": code_execution_reward,
+    "task": task_reward,
 }
 
 
 def get_reward_funcs(names) -> list:
-    """Rewards by registry name (`math`, `math_strict`, `exact_match`, `numeric`, `code`) or by dotted path to a user
-    function (`my_package.rewards.my_reward` or `my_package.rewards:my_reward`), as in TRL's scripts."""
+    """Rewards by registry name (`math`, `math_strict`, `exact_match`, `numeric`, `code`, `task`) or by dotted path to
+    a user function (`my_package.rewards.my_reward` or `my_package.rewards:my_reward`), as in TRL's scripts."""
     funcs = []
     for name in [names] if isinstance(names, str) else names:
         if name in REWARD_FUNCS:

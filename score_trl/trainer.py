@@ -3,20 +3,18 @@ from collections import defaultdict, deque
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-import pandas as pd
 import torch
-from accelerate.utils import gather, gather_object
+from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
-from transformers import PreTrainedTokenizerBase, is_trackio_available, is_wandb_available
-from transformers.utils import is_rich_available
+from transformers import PreTrainedTokenizerBase
 from trl import RLOOTrainer
 from trl.extras.profiling import profiling_context, profiling_decorator
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id, nanstd, pad, print_prompt_completions_sample, use_adapter
+from trl.trainer.utils import get_config_model_id, pad, use_adapter
 
 from .checkpoints import last_complete_checkpoint
 from .config import SCoReConfig
-from .generation import cut_at_stop, sample_padded
+from .generation import cut_at_stop, roll_out, sample_padded
 from .inputs import (
     TRAINER_COLUMNS,
     check_dataset,
@@ -27,8 +25,16 @@ from .inputs import (
     named_eval_datasets,
 )
 from .logprobs import per_token_logps
+from .logs import (
+    flush_reward_logs,
+    log_attempt_lengths,
+    log_loss_terms,
+    log_reward_functions,
+    log_rollout,
+    log_table_rows,
+    write_completions_table,
+)
 from .merged_generation import MergedCopy, check_merged_generation
-from .metrics import clip_stats, length_stats, reward_stats
 from .models import check_model_path
 from .objective import (
     clipped_policy_loss,
@@ -39,16 +45,10 @@ from .objective import (
     shaped_rewards,
     stage_at,
 )
-from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, exit_after_preemption
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 from .reward_checks import RewardError, RewardTimeout, checked_reward_funcs, explain_failure
-from .stats import change_flags, self_correction_stats
-from .turns import find_turn_bridge, instruction_for, next_attempt_prompts, pack_attempts, turn_masks
-
-
-if is_wandb_available():
-    import wandb
-if is_trackio_available():
-    import trackio
+from .scoring import answered_conversations, as_completion, combine_rewards, graded_answer
+from .turns import find_turn_bridge, instruction_for, pack_attempts, turn_masks
 
 
 class SCoReTrainer(RLOOTrainer):
@@ -185,6 +185,7 @@ class SCoReTrainer(RLOOTrainer):
         if args.generation_weights == "merged":
             check_merged_generation(self)
         self._merged = None
+        self._graded_answer = graded_answer(self.reward_funcs)  # "answer changed" reads what the reward grades
         self._bridges = {default_instruction: bridge}
         self._unscorable_streak = 0
         # Rows of the completions table, sized like RLOO's to the latest generation batch
@@ -196,8 +197,9 @@ class SCoReTrainer(RLOOTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """RLOO's `train`, with two differences. `resume_from_checkpoint=True` or `"last"` resumes from the newest
         *complete* checkpoint (`score_trl.checkpoints`), where transformers takes the newest folder even when a kill
-        cut it short. After a preemption signal (`SCoReConfig.preemption_signals`) the checkpoint of the last finished
-        step is saved on every rank and the process exits with `PREEMPTED_EXIT_CODE` (75)."""
+        cut it short. After a preemption signal (`SCoReConfig.preemption_signals`) every rank saves the checkpoint of
+        the last finished step and `train` returns early with `preempted_at` set to that step: the caller should end
+        the process with `PREEMPTED_EXIT_CODE` (75), as `score-train` does (`preemption.end_process`)."""
         if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "last":
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -206,14 +208,17 @@ class SCoReTrainer(RLOOTrainer):
                     "resume_from_checkpoint, or point it at a checkpoint folder."
                 )
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
-        if self._preemption is not None and self._preemption.preempted_at is not None:
-            step = self._preemption.preempted_at
+        if self.preempted_at is not None:
             self.accelerator.print(
-                f"Preempted: checkpoint-{step} saved in {self.args.output_dir}; resume with "
-                f"resume_from_checkpoint=last. Exiting with status {PREEMPTED_EXIT_CODE}."
+                f"Preempted: checkpoint-{self.preempted_at} saved in {self.args.output_dir}; resume with "
+                f"resume_from_checkpoint=last. Exit with status {PREEMPTED_EXIT_CODE}."
             )
-            exit_after_preemption(self)
         return output
+
+    @property
+    def preempted_at(self) -> int | None:
+        """The step a preemption signal stopped the last `train()` call after (its checkpoint is saved), else None."""
+        return self._preemption.preempted_at if self._preemption is not None else None
 
     def _set_signature_columns_if_needed(self):
         # RLOO keeps only "prompt" (and images) under remove_unused_columns=True; SCoRe also reads its own columns.
@@ -271,13 +276,10 @@ class SCoReTrainer(RLOOTrainer):
         prompt_ids, attempts, appended, texts = self._rollout(prompts, instructions, given, mode)
 
         # Rewards per attempt, gathered across processes: (N_global, num_attempts)
-        rewards = torch.stack(
-            [
-                self._attempt_rewards(inputs, prompts, texts, attempts, instructions, t, mode)
-                for t in range(len(texts))
-            ],
-            dim=1,
-        )
+        scored = [
+            self._attempt_rewards(inputs, prompts, texts, attempts, instructions, t, mode) for t in range(len(texts))
+        ]
+        rewards = torch.stack(scored, dim=1)
         if mode == "train":
             self._check_scorable(rewards)
 
@@ -295,8 +297,9 @@ class SCoReTrainer(RLOOTrainer):
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
         kl_coef = kl_coefficients(stage, self.beta, self.args.beta2, self.num_attempts)
 
-        self._log_rollout(mode, rewards, targets, texts, num_generations, len(inputs))
-        self._log_table_rows(prompts, texts, instructions, rewards, all_advantages)
+        log_rollout(self, mode, rewards, targets, texts, num_generations)
+        flush_reward_logs(self, mode, len(inputs))
+        log_table_rows(self, prompts, texts, instructions, rewards, all_advantages)
         return {
             **layout,
             "old_logps": old_logps,
@@ -306,24 +309,23 @@ class SCoReTrainer(RLOOTrainer):
         }
 
     def _rollout(self, prompts, instructions, given, mode):
-        """One loop step per attempt, each on RLOO's generation backends; the correction turn is appended as token
-        ids. Returns (prompt ids, attempts[t] ids, appended[t] correction-turn ids, texts[t])."""
+        """The attempt loop (`generation.roll_out`, as evaluation runs it), each attempt on RLOO's generation backends
+        and the correction turn appended as token ids. Returns (prompt ids, attempts[t] ids, appended[t]
+        correction-turn ids, texts[t])."""
         bridges = [self._bridge_for(text) for text in instructions]
         prompt_ids, _, _ = self._tokenize_prompts(prompts)
-        attempts, appended, texts = [], [], []
-        context_ids = prompt_ids
-        for t in range(self.num_attempts):
+
+        def generate(t, context_ids):
             if t == 0 and any(given):
                 completion_ids = self._first_attempts(context_ids, given)
             else:
                 with self._one_generation_per_row() if t > 0 else nullcontext():
                     completion_ids = self._generate_single_turn(context_ids, None, {})
-            attempts.append(completion_ids)
-            texts.append(self.processing_class.batch_decode(completion_ids, skip_special_tokens=True))
-            self._log_attempt_lengths(t + 1, completion_ids, mode)
-            if t + 1 < self.num_attempts:
-                added, context_ids = next_attempt_prompts(context_ids, completion_ids, bridges)
-                appended.append(added)
+            log_attempt_lengths(self, t + 1, completion_ids, mode)
+            return completion_ids
+
+        attempts, appended = roll_out(generate, prompt_ids, bridges, self.num_attempts)
+        texts = [self.processing_class.batch_decode(ids, skip_special_tokens=True) for ids in attempts]
         return prompt_ids, attempts, appended, texts
 
     def _no_grad_logps(self, layout, mode):
@@ -426,22 +428,39 @@ class SCoReTrainer(RLOOTrainer):
             return self._turn_logps(self.model, input_ids, attention_mask, scored, chunk_size)[0]
 
     def _attempt_rewards(self, inputs, prompts, texts, attempts, instructions, t, mode) -> torch.Tensor:
-        """Score attempt t with RLOO's reward machinery; returns gathered (N_global,) rewards, NaN when unscorable."""
-        conversations = prompts
-        for s in range(t):  # the conversation attempt t answered: x, y1, instruction, ...
-            conversations = [
-                [*c, {"role": "assistant", "content": text}, {"role": "user", "content": instruction}]
-                for c, text, instruction in zip(conversations, texts[s], instructions, strict=True)
-            ]
-        completions = [[{"role": "assistant", "content": text}] for text in texts[t]]
-        # Reward functions log through log_extra/log_metric into shared buffers; keep each attempt's entries apart so
-        # the two calls neither double the rows nor mix the turns.
-        pending_extra, pending_metrics = dict(self._pending_extra_logs), dict(self._pending_metrics)
+        """Score attempt t with RLOO's reward machinery, combined as RLOO combines (`scoring.combine_rewards`);
+        returns gathered (N_global,) rewards, NaN when unscorable."""
+        conversations = answered_conversations(prompts, texts, instructions, t)
+        completions = [as_completion(text) for text in texts[t]]
+        with self._reward_logs_of_attempt(t + 1), self._reward_errors_named(inputs, texts, t):
+            per_func = self._calculate_rewards(inputs, conversations, completions, attempts[t])
+        log_reward_functions(self, mode, t + 1, per_func)
+        return combine_rewards(per_func, self.reward_weights, self.reward_clip_range)
+
+    @contextmanager
+    def _reward_logs_of_attempt(self, attempt: int):
+        # Reward functions log through log_extra/log_metric into shared buffers; keep each attempt's entries apart
+        # (renamed `{key}/turn{t}`, and under the key alone for the last attempt) so the calls neither double the rows
+        # nor mix the turns.
+        pending = dict(self._pending_extra_logs), dict(self._pending_metrics)
         self._pending_extra_logs.clear()
         self._pending_metrics.clear()
         try:
-            rewards_per_func = self._calculate_rewards(inputs, conversations, completions, attempts[t])
-        except RewardTimeout as err:  # calling it again row by row (below) could hang again
+            yield
+        finally:
+            last = attempt == self.num_attempts
+            for saved, new in zip(pending, (self._pending_extra_logs, self._pending_metrics), strict=True):
+                saved.update({f"{k}/turn{attempt}": v for k, v in new.items()})
+                saved.update(dict(new) if last else {})
+                new.clear()
+                new.update(saved)
+
+    @contextmanager
+    def _reward_errors_named(self, inputs, texts, t):
+        # A reward that fails stops the run with the function, attempt, row and step named
+        try:
+            yield
+        except RewardTimeout as err:  # calling it again row by row (as explain_failure does) could hang again
             raise RewardError(
                 f"{err} on attempt {t + 1} of the generation batch of {len(inputs)} rows at step "
                 f"{self.state.global_step}. Training stopped; checkpoints already saved in {self.args.output_dir} are "
@@ -453,95 +472,6 @@ class SCoReTrainer(RLOOTrainer):
                 f"{where}. Training stopped at step {self.state.global_step}; checkpoints already saved in "
                 f"{self.args.output_dir} are intact (resume with resume_from_checkpoint)."
             ) from err
-        last = t + 1 == self.num_attempts  # the final attempt's values also go under the names as written
-        for pending, new in ((pending_extra, self._pending_extra_logs), (pending_metrics, self._pending_metrics)):
-            pending.update({f"{k}/turn{t + 1}": v for k, v in new.items()})
-            pending.update(dict(new) if last else {})
-        self._pending_extra_logs.clear()
-        self._pending_metrics.clear()
-        self._pending_extra_logs.update(pending_extra)
-        self._pending_metrics.update(pending_metrics)
-
-        # Copied from trl.trainer.rloo_trainer.RLOOTrainer._generate_and_score_completions (1.16.0), per attempt:
-        # A completion for which every reward function returned None is unscorable. nansum would collapse it to 0,
-        # which both biases the leave-one-out baseline and hands the completion a spurious advantage. Mark these rows
-        # NaN so they're excluded from the (nan-aware) baseline.
-        unscorable = torch.isnan(rewards_per_func).all(dim=1)
-        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
-        rewards[unscorable] = torch.nan
-        if self.reward_clip_range:
-            rewards = rewards.clamp(min=self.reward_clip_range[0], max=self.reward_clip_range[1])
-        for i, name in enumerate(self.reward_func_names):
-            values = rewards_per_func[:, i]
-            stats = {"mean": torch.nanmean(values).item(), "std": nanstd(values).item()}
-            for prefix in [f"turn{t + 1}/"] + ([""] if last else []):
-                for key, value in stats.items():
-                    self._metrics[mode][f"{prefix}rewards/{name}/{key}"].append(value)
-            # RLOO's record of the latest generation batch: the final attempt under the function's name
-            for key in [f"{name}/turn{t + 1}"] + ([name] if last else []):
-                self._logs["rewards"][key].extend(values.tolist())
-        return rewards
-
-    def _log_attempt_lengths(self, attempt: int, completion_ids: list[list[int]], mode: str):
-        device = self.accelerator.device
-        lengths = self.accelerator.gather(torch.tensor([len(ids) for ids in completion_ids], device=device))
-        truncated = self.accelerator.gather(torch.tensor(self._is_truncated(completion_ids), device=device))
-        prefixes = [f"turn{attempt}/"] + ([""] if attempt == self.num_attempts else [])
-        for key, value in length_stats(lengths, truncated).items():
-            for prefix in prefixes:
-                self._metrics[mode][f"{prefix}completions/{key}"].append(value)
-
-    def _log_rollout(self, mode, rewards, targets, texts, num_generations, num_rows):
-        metrics = self._metrics[mode]
-        for t in range(self.num_attempts):
-            metrics[f"turn{t + 1}/shaped_reward"].append(torch.nanmean(targets[:, t]).item())
-            prefixes = [f"turn{t + 1}/"] + ([""] if t + 1 == self.num_attempts else [])
-            for key, value in reward_stats(rewards[:, t], num_generations).items():
-                for prefix in prefixes:
-                    metrics[f"{prefix}{key}"].append(value)
-        for key, value in self_correction_stats(rewards, self.args.correct_threshold).items():
-            metrics[f"self_correction/{key}"].append(value)
-        # Does the last attempt revise the one before it, in its text and in its final answer (gathered rows)
-        local = torch.tensor(change_flags(texts[-2], texts[-1]), dtype=torch.float32, device=self.accelerator.device)
-        changed = self.accelerator.gather(local.T.contiguous())
-        metrics["self_correction/text_changed"].append(changed[:, 0].mean().item())
-        metrics["self_correction/answer_changed"].append(changed[:, 1].mean().item())
-
-        # Flush what reward functions logged (renamed per attempt), gathered across processes.
-        # Copied from trl.trainer.rloo_trainer.RLOOTrainer._generate_and_score_completions (1.16.0), with the columns
-        # also kept for SCoRe's table. Keys must be sorted so that all ranks call gather_object (and, for the metrics,
-        # accelerator.gather) in the same order, otherwise values get mis-attributed across columns (dict insertion
-        # order may differ between processes).
-        for column in sorted(set(gather_object(list(self._pending_extra_logs)))):
-            values = gather_object(self._pending_extra_logs.get(column, [None] * num_rows))
-            self._attempt_logs[column].extend(values)
-            self._logs["extra"][column].extend(values)
-        self._pending_extra_logs.clear()
-        for name in sorted(set(gather_object(list(self._pending_metrics)))):
-            values = self._pending_metrics.get(name, [])
-            local = torch.tensor([sum(values), len(values)], dtype=torch.float32, device=self.accelerator.device)
-            total, count = self.accelerator.gather(local).view(-1, 2).sum(dim=0).tolist()
-            metrics[name].append(total / count)
-        self._pending_metrics.clear()
-
-    def _log_table_rows(self, prompts, texts, instructions, rewards, advantages):
-        # RLOO's record (`_logs`, read by its table and by callbacks): the prompt, the whole self-correction
-        # conversation after it as the completion, and the final attempt's advantage
-        conversations = []
-        for i in range(len(prompts)):
-            turns = [{"role": "assistant", "content": texts[0][i]}]
-            for t in range(1, self.num_attempts):
-                turns += [{"role": "user", "content": instructions[i]}, {"role": "assistant", "content": texts[t][i]}]
-            conversations.append(turns)
-        self._logs["prompt"].extend(gather_object(prompts))
-        self._logs["completion"].extend(gather_object(conversations))
-        self._logs["advantages"].extend(advantages[:, -1].tolist())
-        logs = self._attempt_logs
-        logs["prompt"].extend(gather_object([p[-1]["content"] for p in prompts]))
-        for t in range(self.num_attempts):
-            logs[f"attempt_{t + 1}"].extend(gather_object(texts[t]))
-            logs[f"reward_{t + 1}"].extend(rewards[:, t].tolist())
-            logs[f"advantage_{t + 1}"].extend(advantages[:, t].tolist())
 
     def _compute_loss(self, model, inputs):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
@@ -572,61 +502,15 @@ class SCoReTrainer(RLOOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        trained = masks.sum(dim=1)
-        if per_turn_kl is not None:
-            # Per-token mean KL over each turn's trained tokens, reduced across processes
-            totals = self.accelerator.reduce(torch.cat([per_turn_kl.detach().sum(0), masks.sum(dim=(0, 2))]), "sum")
-            for t in range(self.num_attempts):
-                kl = totals[t] / totals[self.num_attempts + t].clamp(min=1.0)
-                self._metrics[mode][f"turn{t + 1}/kl"].append(kl.item())
-            # RLOO's `kl`: per-token mean over every trained token of every attempt
-            kl = totals[: self.num_attempts].sum() / totals[self.num_attempts :].sum().clamp(min=1.0)
-            self._metrics[mode]["kl"].append(kl.item())
-        entropy_stats = self.accelerator.reduce(
-            torch.stack([(entropies * trained).sum(), trained.sum()]), reduction="sum"
-        )
-        self._metrics[mode]["entropy"].append((entropy_stats[0] / entropy_stats[1].clamp(min=1.0)).item())
-        is_low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
-        is_high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
-        gathered_low = self.accelerator.gather(is_low.float())
-        gathered_high = self.accelerator.gather(is_high.float())
-        for t in range(self.num_attempts):
-            self._metrics[mode][f"turn{t + 1}/clip_ratio/low_mean"].append(gathered_low[:, t].mean().item())
-            self._metrics[mode][f"turn{t + 1}/clip_ratio/high_mean"].append(gathered_high[:, t].mean().item())
-        for key, value in clip_stats(gathered_low, gathered_high).items():
-            self._metrics[mode][f"clip_ratio/{key}"].append(value)
+        log_loss_terms(self, mode, masks, per_turn_kl, entropies, ratio, advantages)
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # RLOO's table has one completion per row; ours is written below with both attempts.
+        # RLOO's table has one completion per row; ours is written below with every attempt.
         log_completions, self.log_completions = self.log_completions, False
         try:
             super().log(logs, start_time)
         finally:
             self.log_completions = log_completions
         if self.log_completions and self.accelerator.is_main_process and self._attempt_logs["prompt"]:
-            self._log_completions_table()
-
-    def _log_completions_table(self):
-        rows = {key: list(values) for key, values in self._attempt_logs.items()}
-        step = self.state.global_step
-        if is_rich_available():
-            last = self.num_attempts
-            earlier = range(1, last)
-            print_prompt_completions_sample(
-                rows["prompt"],
-                rows[f"attempt_{last}"],
-                {f"reward_{t}": rows[f"reward_{t}"] for t in range(1, last + 1)},
-                rows[f"advantage_{last}"],
-                step,
-                self.num_completions_to_print,
-                extra={key: rows[key] for t in earlier for key in (f"attempt_{t}", f"advantage_{t}")},
-            )
-        table = pd.DataFrame({"step": [step] * len(rows["prompt"]), **rows})
-        if self.log_unique_prompts:
-            table = table[~table["prompt"].duplicated()]
-        report_to = self.args.report_to or []
-        if "wandb" in report_to and wandb.run is not None:
-            wandb.log({"completions": wandb.Table(dataframe=table)})
-        if "trackio" in report_to:
-            trackio.log({"completions": trackio.Table(dataframe=table)})
+            write_completions_table(self)

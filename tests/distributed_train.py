@@ -20,6 +20,7 @@ import torch
 from transformers import AutoTokenizer, TrainerCallback
 
 from score_trl import SCoReTrainer
+from score_trl.preemption import PREEMPTED_EXIT_CODE, end_process
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -100,6 +101,8 @@ def main():
     rank = trainer.accelerator.process_index
     (output / f"pid{rank}").write_text(str(os.getpid()))
     trainer.train(resume_from_checkpoint=a.resume)
+    if trainer.preempted_at is not None:  # as score-train does
+        end_process(trainer, PREEMPTED_EXIT_CODE)
     (output / f"engine_rank{rank}.json").write_text(json.dumps(engine(trainer)))
     torch.save(full_parameters(trainer), output / f"params_rank{rank}.pt")
     if trainer.accelerator.is_main_process:

@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, TrainerCallback
 
 from score_trl import SCoReTrainer
+from score_trl.preemption import PREEMPTED_EXIT_CODE, end_process
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,6 +39,8 @@ def main(model_dir: str, output_dir: str, resume: str | None = None):
     )
     (Path(output_dir) / f"pid{trainer.accelerator.process_index}").write_text(str(os.getpid()))
     trainer.train(resume_from_checkpoint=resume)
+    if trainer.preempted_at is not None:  # as score-train does
+        end_process(trainer, PREEMPTED_EXIT_CODE)
     if trainer.accelerator.is_main_process:
         (Path(output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
 

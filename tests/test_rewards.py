@@ -16,7 +16,9 @@ from score_trl.rewards import (
     math_answer_reward,
     math_strict_reward,
     normalize_text,
+    numeric_reward,
     reference_answer,
+    task_reward,
 )
 
 from conftest import SHARED_DATA
@@ -164,8 +166,18 @@ ANSWER_FORMS = [
     ("#### 1080", 1.0, 0.0),
     ("So we get \\boxed{1,080}.", 1.0, 0.0),
     ("The final answer is \\boxed{1080}.", 1.0, 0.0),
-    # no anchor: a bare number is not an answer
+    # markdown emphasis around the answer or its label, and "Answer:" at the start of a line
+    ("The answer is **1080**.", 1.0, 0.0),
+    ("**The answer is 1080.**", 1.0, 0.0),
+    ("Answer: 1080", 1.0, 0.0),
+    ("**Answer:** 1080", 1.0, 0.0),
+    ("ANSWER: 1,080", 1.0, 0.0),
+    ("Some working.\n**Final Answer**: 1080", 1.0, 0.0),
+    ("Final answer: **1080**", 1.0, 0.0),
+    ("> **Answer**: 1080", 1.0, 0.0),
+    # no anchor: a bare number is not an answer, nor "answer:" inside a sentence
     ("1080", 0.0, 0.0),
+    ("Here is my answer: 1080", 0.0, 0.0),
     ("We add 1000 and 80 to get 1080.", 0.0, 0.0),
     # wrong values in every form stay 0
     ("Final Answer: The final answer is $1,081$. I hope it is correct.", 0.0, 0.0),
@@ -173,6 +185,12 @@ ANSWER_FORMS = [
     ("The answer is 1081 apples.", 0.0, 0.0),
     ("\\boxed{1081}", 0.0, 0.0),
     ("#### -1080", 0.0, 0.0),
+    ("The answer is **1081**.", 0.0, 0.0),
+    ("Answer: 1081", 0.0, 0.0),
+    ("**Answer:** 1081", 0.0, 0.0),
+    ("ANSWER: 1081", 0.0, 0.0),
+    ("**Final Answer**: 1081", 0.0, 0.0),
+    ("Answer: -1080", 0.0, 0.0),
     # the last anchored answer wins, whatever its form
     ("The answer is 1081. Wait, I made an error. The final answer is $1080$.", 1.0, 0.0),
     ("The answer is 1080. Let me check again: \\boxed{1081}", 0.0, 0.0),
@@ -268,10 +286,11 @@ def test_mbpp_reference_solutions_pass_and_broken_ones_fail():
 
 
 def test_registry_names_and_dotted_paths():
-    assert get_reward_funcs(["math", "exact_match", "code"]) == [
+    assert get_reward_funcs(["math", "exact_match", "code", "task"]) == [
         math_answer_reward,
         exact_match_reward,
         code_execution_reward,
+        task_reward,
     ]
     assert get_reward_funcs("score_trl.rewards.exact_match_reward") == [exact_match_reward]
     assert get_reward_funcs("score_trl.rewards:math_answer_reward") == [math_answer_reward]
@@ -285,3 +304,14 @@ def test_rewards_pickle():
     for func in REWARD_FUNCS.values():
         assert pickle.loads(pickle.dumps(func)) is func
     assert pickle.loads(pickle.dumps(REWARD_FUNCS)) == REWARD_FUNCS
+
+
+@pytest.mark.parametrize(
+    "text, gold, expected",
+    [("-4", "4", 0.0), ("-4", "-4", 1.0), ("The result is \u22124.", "-4", 1.0), ("4", "-4", 0.0),
+     ("8 - 4 = 4", "4", 1.0), ("8-4 is 4", "-4", 0.0), ("It is -3.50", "-3.5", 1.0)],
+)  # fmt: skip
+def test_numeric_and_exact_match_keep_the_sign(text, gold, expected):
+    assert numeric_reward([chat(text)], answer=[gold]) == [expected]
+    if text.lstrip("-\u2212").replace(".", "").isdigit():  # a bare number: exact match reads it the same way
+        assert exact_match_reward([chat(text)], answer=[gold]) == [expected]

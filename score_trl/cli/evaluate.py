@@ -59,6 +59,16 @@ class EvalArguments(DataArguments, ModelSourceArguments):
     reward_funcs: list[str] | None = field(
         default=None, metadata={"help": "Reward names or dotted paths; the task's reward if unset."}
     )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the reward functions, as in training (default: 1 each)."}
+    )
+    reward_clip_range: list[float] | None = field(
+        default=None, metadata={"help": "[min, max] of the combined reward, as in training (default: no clipping)."}
+    )
+    chat_template_kwargs: str | None = field(
+        default=None,
+        metadata={"help": "Chat template arguments as in training: a JSON object (e.g. enable_thinking false)."},
+    )
     correct_threshold: float = field(default=0.5, metadata={"help": "An attempt is correct when reward >= this."})
     compare: list[str] | None = field(
         default=None, metadata={"help": "Instead of evaluating: output folders of earlier runs to compare."}
@@ -150,11 +160,21 @@ def main(eval_args, model_args):
         num_samples=eval_args.num_samples,
         threshold=eval_args.correct_threshold,
         num_attempts=eval_args.num_attempts,
+        chat_template_kwargs=template_kwargs(eval_args.chat_template_kwargs),
+        reward_weights=eval_args.reward_weights,
+        reward_clip_range=tuple(eval_args.reward_clip_range) if eval_args.reward_clip_range else None,
     )
     label = eval_args.label or Path(eval_args.adapter or model_args.model_name_or_path or eval_args.gguf_file).name
     paths = write_report(summary, output_dir, label)
     print(markdown_table([summary], [label]))
     return paths
+
+
+def template_kwargs(value) -> dict | None:
+    """`chat_template_kwargs` from a recipe (a mapping) or the command line (a JSON object)."""
+    import json
+
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def check_eval_args(eval_args):
@@ -165,6 +185,12 @@ def check_eval_args(eval_args):
         raise ValueError("Set benchmark (gsm8k, math500, humaneval, mbpp) or dataset_name (a file or hub id).")
     if eval_args.num_attempts < 2:
         raise ValueError(f"num_attempts={eval_args.num_attempts}: evaluate at least 2 attempts (y1 and a correction).")
+    if eval_args.reward_weights is not None and eval_args.reward_funcs is not None:
+        if len(eval_args.reward_weights) != len(eval_args.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(eval_args.reward_weights)} values for {len(eval_args.reward_funcs)} "
+                "reward_funcs: give one weight per reward function."
+            )
     if eval_args.num_samples > 1 and not eval_args.do_sample:
         raise ValueError(
             f"num_samples={eval_args.num_samples} with greedy decoding repeats identical attempts: set do_sample "
@@ -174,7 +200,7 @@ def check_eval_args(eval_args):
 
 def load_data(eval_args, tokenizer):
     """(dataset, reward functions): the benchmark's or dataset_name's rows, and the task's reward unless given."""
-    from ..data import TASKS, load_score_dataset
+    from ..data import default_reward_names, load_score_dataset
     from ..rewards import get_reward_funcs
 
     hub_id, config, split = BENCHMARKS.get(eval_args.benchmark, (None, None, "test"))
@@ -185,7 +211,7 @@ def load_data(eval_args, tokenizer):
         limit=eval_args.limit,
         **eval_args.adapter_kwargs(tokenizer),
     )
-    return dataset, get_reward_funcs(eval_args.reward_funcs or [TASKS[dataset[0]["task"]].reward])
+    return dataset, get_reward_funcs(eval_args.reward_funcs or default_reward_names(dataset))
 
 
 def cli(argv: list[str] | None = None):

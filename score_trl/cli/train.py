@@ -133,19 +133,13 @@ def load_datasets(script_args, training_args, tokenizer):
     return train_dataset, eval_dataset
 
 
-def task_of(dataset):
-    """The `score_trl.data.Task` the rows were built for."""
-    from ..data import TASKS
-
-    return TASKS[dataset[0]["task"]]
-
-
 def main(script_args, training_args, model_args):
     import torch
     from trl import get_peft_config, get_quantization_config
 
+    from ..data import default_reward_names
     from ..models import resolve_model
-    from ..preemption import end_process
+    from ..preemption import PREEMPTED_EXIT_CODE, end_process
     from ..rewards import get_reward_funcs
     from ..trainer import SCoReTrainer
 
@@ -166,7 +160,7 @@ def main(script_args, training_args, model_args):
         **(training_args.model_init_kwargs or {}),
     }
     train_dataset, eval_dataset = load_datasets(script_args, training_args, tokenizer)
-    reward_funcs = get_reward_funcs(script_args.reward_funcs or [task_of(train_dataset).reward])
+    reward_funcs = get_reward_funcs(script_args.reward_funcs or default_reward_names(train_dataset))
 
     trainer = SCoReTrainer(
         callbacks=step_report_callbacks(),
@@ -182,6 +176,8 @@ def main(script_args, training_args, model_args):
 
     before = _compare(trainer, eval_dataset, reward_funcs, script_args) if script_args.compare_before_after else None
     trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    if trainer.preempted_at is not None:  # the checkpoint is saved on every rank: "try again later"
+        end_process(trainer, PREEMPTED_EXIT_CODE)
     trainer.accelerator.print("Training completed.")
     if trainer.accelerator.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(trainer.accelerator.device) / 2**30
@@ -247,6 +243,9 @@ def _compare(trainer, eval_dataset, reward_funcs, script_args) -> dict | None:
         correction_instruction=trainer.args.correction_instruction,
         batch_size=max(trainer.args.per_device_eval_batch_size, 8),
         num_attempts=trainer.args.num_attempts,
+        chat_template_kwargs=trainer.args.chat_template_kwargs,
+        reward_weights=trainer.reward_weights.tolist(),
+        reward_clip_range=trainer.reward_clip_range,
     )
 
 
