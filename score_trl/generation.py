@@ -2,6 +2,7 @@
 built on them with the correction turn spliced in as token ids, exactly as in training (`score_trl.turns`)."""
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from transformers import GenerationConfig
@@ -133,3 +134,35 @@ def generate_attempts(
     attempts, _ = roll_out(lambda t, ids: generator(ids), context, [bridges[text] for text in instructions],
                            num_attempts)  # fmt: skip
     return attempts
+
+
+# The trainer's side of the attempt loop: how SCoReTrainer generates attempts on RLOO's backends
+
+
+@contextmanager
+def one_generation_per_row(trainer):
+    """After the first attempt every row has its own context, so each row gets exactly one sample. vLLM's server
+    mode otherwise keeps every num_generations-th prompt and samples num_generations from it."""
+    saved = trainer.num_generations, trainer.num_generations_eval
+    trainer.num_generations = trainer.num_generations_eval = 1
+    try:
+        yield
+    finally:
+        trainer.num_generations, trainer.num_generations_eval = saved
+
+
+def first_attempts(trainer, prompt_ids, given: list[str | None]) -> list[list[int]]:
+    """y1 ids: the given text tokenized as the model's turn where a row has one, sampled elsewhere."""
+    tokenize = trainer._tokenizer
+    encoded = {i: tokenize(text, add_special_tokens=False)["input_ids"] for i, text in enumerate(given) if text}
+    todo = [i for i in range(len(given)) if i not in encoded]
+    # vLLM, DeepSpeed and FSDP generation are collective across processes (gathers, weight summons): every rank
+    # must generate the same way, so those backends sample every row and discard the given ones.
+    if trainer.use_vllm or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        sampled = trainer._generate_single_turn(prompt_ids, None, {})
+    elif todo:
+        completions = trainer._generate_single_turn([prompt_ids[i] for i in todo], None, {})
+        sampled = dict(zip(todo, completions, strict=True))
+    else:
+        sampled = {}
+    return [encoded[i] if i in encoded else sampled[i] for i in range(len(given))]

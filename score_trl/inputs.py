@@ -116,3 +116,26 @@ def check_tokenizer(processing_class):
             "`tokenizer.pad_token = tokenizer.eos_token` (padding is always masked out)."
         )
     return processing_class
+
+
+def check_inputs(model, reward_funcs, args, train_dataset, eval_dataset, processing_class):
+    """Every check SCoReTrainer runs before it loads anything: the launch, the model path, the datasets, the tokenizer
+    and its rendering of the first prompt, the correction turn, the reward functions. Returns (tokenizer, checked
+    reward functions, {default instruction: its turn bridge})."""
+    from .models import check_model_path
+    from .reward_checks import checked_reward_funcs
+    from .turns import find_turn_bridge, instruction_for
+
+    check_engine(args)
+    if isinstance(model, str):
+        check_model_path(model)
+    first = check_dataset(train_dataset, "train_dataset", args.generation_batch_size // args.num_generations)
+    for name, dataset in named_eval_datasets(eval_dataset):
+        check_dataset(dataset, name)
+    processing_class = check_tokenizer(processing_class or default_tokenizer(model, args))
+    default_instruction = instruction_for({}, args.correction_instruction)
+    bridge = find_turn_bridge(processing_class, default_instruction, args.chat_template_kwargs or {})
+    if first:
+        check_renders(processing_class, first[0]["prompt"], args.chat_template_kwargs or {})
+    reward_funcs = checked_reward_funcs(reward_funcs, first, args.remove_unused_columns, args.reward_timeout)
+    return processing_class, reward_funcs, {default_instruction: bridge}

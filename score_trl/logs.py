@@ -3,6 +3,8 @@ attempt, also under RLOO's own name (so dashboards built for RLOO read the final
 self-correction statistics; RLOO's `_logs` record and SCoRe's completions table with every attempt. Functions take
 the trainer, as TRL's logging helpers do, and write into its `_metrics` and `_logs`."""
 
+from contextlib import contextmanager
+
 import pandas as pd
 import torch
 from accelerate.utils import gather_object
@@ -151,3 +153,22 @@ def write_completions_table(trainer):
         wandb.log({"completions": wandb.Table(dataframe=table)})
     if "trackio" in report_to:
         trackio.log({"completions": trackio.Table(dataframe=table)})
+
+
+@contextmanager
+def reward_logs_of_attempt(trainer, attempt: int):
+    """Reward functions log through log_extra/log_metric into shared buffers; keep each attempt's entries apart
+    (renamed `{key}/turn{attempt}`, and under the key alone for the last attempt) so the calls neither double the rows
+    nor mix the turns."""
+    pending = dict(trainer._pending_extra_logs), dict(trainer._pending_metrics)
+    trainer._pending_extra_logs.clear()
+    trainer._pending_metrics.clear()
+    try:
+        yield
+    finally:
+        last = attempt == trainer.num_attempts
+        for saved, new in zip(pending, (trainer._pending_extra_logs, trainer._pending_metrics), strict=True):
+            saved.update({f"{k}/turn{attempt}": v for k, v in new.items()})
+            saved.update(dict(new) if last else {})
+            new.clear()
+            new.update(saved)

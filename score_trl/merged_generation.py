@@ -101,3 +101,21 @@ def check_merged_generation(trainer):
             "generation_weights='merged' copies the whole model on each process, which FSDP and ZeRO-3 shard: use "
             "generation_weights='policy' there (or ZeRO-2 / plain data parallel)."
         )
+
+
+def generate_merged(trainer, prompt_ids: list[list[int]]) -> list[list[int]]:
+    """One attempt for `prompt_ids` with RLOO's padded `generate` settings, sampled from the trainer's merged copy of
+    its LoRA policy (made on first use in the training dtype, synced to the current step)."""
+    from trl.extras.profiling import profiling_context
+
+    from .generation import cut_at_stop, sample_padded
+
+    if trainer._merged is None:
+        args = trainer.args
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        trainer._merged = MergedCopy(trainer.accelerator.unwrap_model(trainer.model), dtype)
+    trainer._merged.sync(trainer.accelerator.unwrap_model(trainer.model), trainer.state.global_step)
+    with profiling_context(trainer, "transformers.generate"), torch.no_grad():
+        rows = sample_padded(trainer._merged.model, prompt_ids, trainer.generation_config,
+                             trainer._tokenizer.pad_token_id, trainer.pad_to_multiple_of)  # fmt: skip
+    return cut_at_stop(rows, trainer.eos_token_ids)

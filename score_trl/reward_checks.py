@@ -8,6 +8,7 @@ import inspect
 import math
 import numbers
 import threading
+from contextlib import contextmanager
 
 from torch import nn
 from transformers import TrainerState
@@ -172,3 +173,41 @@ def checked_reward_funcs(reward_funcs, first_rows: list[dict], remove_unused_col
     )
     dry_run(funcs, names, surviving_columns(first_rows, remove_unused_columns), note=note, timeout=timeout)
     return [CheckedReward(f, n, timeout) if is_plain_reward(f) else f for f, n in zip(funcs, names, strict=True)]
+
+
+def check_scorable(trainer, rewards, streak: int) -> int:
+    """Log the unscorable share per attempt; stop after `max_unscorable_steps` batches with no reward at all. Returns
+    the number of such batches in a row so far."""
+    import torch
+
+    unscorable = torch.isnan(rewards)
+    for t in range(rewards.size(1)):
+        trainer._metrics["train"][f"turn{t + 1}/frac_unscorable"].append(unscorable[:, t].float().mean().item())
+    streak = streak + 1 if unscorable.all() else 0
+    if streak and streak >= (trainer.args.max_unscorable_steps or float("inf")):
+        raise RewardError(
+            f"Every reward function returned None for every row and attempt of {streak} generation batches in a row "
+            f"(step {trainer.state.global_step}): nothing can be learned. Check that the reference column of "
+            f"{trainer.reward_func_names} is filled and parses. Checkpoints already saved in "
+            f"{trainer.args.output_dir} are intact."
+        )
+    return streak
+
+
+@contextmanager
+def reward_errors_named(trainer, inputs, texts: list[str], attempt: int):
+    """A reward call that fails stops the run with the function, attempt, row and step named."""
+    try:
+        yield
+    except RewardTimeout as err:  # calling it again row by row (as explain_failure does) could hang again
+        raise RewardError(
+            f"{err} on attempt {attempt} of the generation batch of {len(inputs)} rows at step "
+            f"{trainer.state.global_step}. Training stopped; checkpoints already saved in {trainer.args.output_dir} "
+            "are intact (resume with resume_from_checkpoint=last)."
+        ) from err
+    except Exception as err:
+        where = explain_failure(trainer.reward_funcs, trainer.reward_func_names, inputs, texts, attempt, trainer.state)
+        raise RewardError(
+            f"{where}. Training stopped at step {trainer.state.global_step}; checkpoints already saved in "
+            f"{trainer.args.output_dir} are intact (resume with resume_from_checkpoint)."
+        ) from err

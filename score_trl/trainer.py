@@ -1,6 +1,6 @@
 import textwrap
 from collections import defaultdict, deque
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -8,22 +8,14 @@ from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 from trl import RLOOTrainer
-from trl.extras.profiling import profiling_context, profiling_decorator
+from trl.extras.profiling import profiling_decorator
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id, pad, use_adapter
+from trl.trainer.utils import get_config_model_id, use_adapter
 
 from .checkpoints import last_complete_checkpoint
 from .config import SCoReConfig
-from .generation import cut_at_stop, roll_out, sample_padded
-from .inputs import (
-    TRAINER_COLUMNS,
-    check_dataset,
-    check_engine,
-    check_renders,
-    check_tokenizer,
-    default_tokenizer,
-    named_eval_datasets,
-)
+from .generation import first_attempts, one_generation_per_row, roll_out
+from .inputs import TRAINER_COLUMNS, check_inputs
 from .logprobs import per_token_logps
 from .logs import (
     flush_reward_logs,
@@ -32,10 +24,10 @@ from .logs import (
     log_reward_functions,
     log_rollout,
     log_table_rows,
+    reward_logs_of_attempt,
     write_completions_table,
 )
-from .merged_generation import MergedCopy, check_merged_generation
-from .models import check_model_path
+from .merged_generation import check_merged_generation, generate_merged
 from .objective import (
     clipped_policy_loss,
     k3_kl,
@@ -46,9 +38,9 @@ from .objective import (
     stage_at,
 )
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
-from .reward_checks import RewardError, RewardTimeout, checked_reward_funcs, explain_failure
+from .reward_checks import check_scorable, reward_errors_named
 from .scoring import answered_conversations, as_completion, combine_rewards, graded_answer
-from .turns import find_turn_bridge, instruction_for, pack_attempts, turn_masks
+from .turns import find_turn_bridge, instruction_for, training_layout, turn_masks
 
 
 class SCoReTrainer(RLOOTrainer):
@@ -157,19 +149,10 @@ class SCoReTrainer(RLOOTrainer):
                 f"`args` must be a SCoReConfig, got {type(args).__name__}. Build it with SCoReConfig(...)."
             )
 
-        # Everything below fails before any model work: a bad dataset, reward or tokenizer should not cost a load.
-        check_engine(args)
-        if isinstance(model, str):
-            check_model_path(model)
-        first = check_dataset(train_dataset, "train_dataset", args.generation_batch_size // args.num_generations)
-        for name, dataset in named_eval_datasets(eval_dataset):
-            check_dataset(dataset, name)
-        processing_class = check_tokenizer(processing_class or default_tokenizer(model, args))
-        default_instruction = instruction_for({}, args.correction_instruction)
-        bridge = find_turn_bridge(processing_class, default_instruction, args.chat_template_kwargs or {})
-        if first:
-            check_renders(processing_class, first[0]["prompt"], args.chat_template_kwargs or {})
-        reward_funcs = checked_reward_funcs(reward_funcs, first, args.remove_unused_columns, args.reward_timeout)
+        # Everything here fails before any model work: a bad dataset, reward or tokenizer should not cost a load.
+        processing_class, reward_funcs, bridges = check_inputs(
+            model, reward_funcs, args, train_dataset, eval_dataset, processing_class
+        )
 
         super().__init__(
             model,
@@ -186,7 +169,7 @@ class SCoReTrainer(RLOOTrainer):
             check_merged_generation(self)
         self._merged = None
         self._graded_answer = graded_answer(self.reward_funcs)  # "answer changed" reads what the reward grades
-        self._bridges = {default_instruction: bridge}
+        self._bridges = bridges
         self._unscorable_streak = 0
         # Rows of the completions table, sized like RLOO's to the latest generation batch
         self._attempt_logs = defaultdict(lambda: deque(maxlen=args.generation_batch_size))
@@ -241,27 +224,7 @@ class SCoReTrainer(RLOOTrainer):
         # generation_weights="merged": RLOO's padded path, on a merged copy of the policy synced to this step
         if self.args.generation_weights == "policy":
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
-        if self._merged is None:
-            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
-            self._merged = MergedCopy(self.accelerator.unwrap_model(self.model), dtype)
-        self._merged.sync(self.accelerator.unwrap_model(self.model), self.state.global_step)
-        with profiling_context(self, "transformers.generate"), torch.no_grad():
-            rows = sample_padded(
-                self._merged.model, prompt_ids, self.generation_config, self._tokenizer.pad_token_id,
-                self.pad_to_multiple_of,
-            )  # fmt: skip
-        return cut_at_stop(rows, self.eos_token_ids)
-
-    @contextmanager
-    def _one_generation_per_row(self):
-        # After the first attempt every row has its own context, so each row gets exactly one sample. vLLM's server
-        # mode otherwise keeps every num_generations-th prompt and samples num_generations from it.
-        saved = self.num_generations, self.num_generations_eval
-        self.num_generations = self.num_generations_eval = 1
-        try:
-            yield
-        finally:
-            self.num_generations, self.num_generations_eval = saved
+        return generate_merged(self, prompt_ids)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
         mode = "train" if self.model.training else "eval"
@@ -281,7 +244,7 @@ class SCoReTrainer(RLOOTrainer):
         ]
         rewards = torch.stack(scored, dim=1)
         if mode == "train":
-            self._check_scorable(rewards)
+            self._unscorable_streak = check_scorable(self, rewards, self._unscorable_streak)
 
         layout = self._training_layout(prompt_ids, attempts, appended)
         is_given = torch.tensor([g is not None for g in given], device=self.accelerator.device)
@@ -317,9 +280,9 @@ class SCoReTrainer(RLOOTrainer):
 
         def generate(t, context_ids):
             if t == 0 and any(given):
-                completion_ids = self._first_attempts(context_ids, given)
+                completion_ids = first_attempts(self, context_ids, given)
             else:
-                with self._one_generation_per_row() if t > 0 else nullcontext():
+                with one_generation_per_row(self) if t > 0 else nullcontext():
                     completion_ids = self._generate_single_turn(context_ids, None, {})
             log_attempt_lengths(self, t + 1, completion_ids, mode)
             return completion_ids
@@ -348,56 +311,12 @@ class SCoReTrainer(RLOOTrainer):
                 ref_per_token_logps = self._reference_per_token_logps(input_ids, attention_mask, scored, chunk)
         return old_logps, ref_per_token_logps
 
-    def _check_scorable(self, rewards):
-        """Log the unscorable share per attempt; stop after `max_unscorable_steps` batches with no reward at all."""
-        unscorable = torch.isnan(rewards)
-        for t in range(self.num_attempts):
-            self._metrics["train"][f"turn{t + 1}/frac_unscorable"].append(unscorable[:, t].float().mean().item())
-        self._unscorable_streak = self._unscorable_streak + 1 if unscorable.all() else 0
-        if self._unscorable_streak and self._unscorable_streak >= (self.args.max_unscorable_steps or float("inf")):
-            raise RewardError(
-                f"Every reward function returned None for every row and attempt of {self._unscorable_streak} "
-                f"generation batches in a row (step {self.state.global_step}): nothing can be learned. Check that the "
-                f"reference column of {self.reward_func_names} is filled and parses. Checkpoints already saved in "
-                f"{self.args.output_dir} are intact."
-            )
-
-    def _first_attempts(self, prompt_ids, given) -> list[list[int]]:
-        """y1 ids: the given text tokenized as the model's turn where a row has one, sampled elsewhere."""
-        encoded = {
-            i: self._tokenizer(text, add_special_tokens=False)["input_ids"] for i, text in enumerate(given) if text
-        }
-        todo = [i for i in range(len(given)) if i not in encoded]
-        # vLLM, DeepSpeed and FSDP generation are collective across processes (gathers, weight summons): every rank
-        # must generate the same way, so those backends sample every row and discard the given ones.
-        if self.use_vllm or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            sampled = self._generate_single_turn(prompt_ids, None, {})
-        elif todo:
-            completions = self._generate_single_turn([prompt_ids[i] for i in todo], None, {})
-            sampled = dict(zip(todo, completions, strict=True))
-        else:
-            sampled = {}
-        return [encoded[i] if i in encoded else sampled[i] for i in range(len(given))]
-
     def _training_layout(self, prompt_ids, attempts, appended) -> dict[str, torch.Tensor]:
-        """x left-padded | y1 + correction turn + y2 right-padded; `turn_ids` marks the trained tokens per attempt."""
-        device = self.accelerator.device
-        pad_id = self._tokenizer.pad_token_id
-        completion_ids, completion_mask, turn_ids = pack_attempts(
-            attempts, appended, pad_id, self.pad_to_multiple_of, device
-        )
-        if self.mask_truncated_completions:  # drop a truncated attempt from the loss, keep it in the context
-            for t, ids in enumerate(attempts):
-                truncated = torch.tensor(self._is_truncated(ids), device=device)
-                turn_ids = turn_ids.masked_fill((turn_ids == t + 1) & truncated.unsqueeze(1), 0)
-        prompts = [torch.tensor(ids) for ids in prompt_ids]
-        return {
-            "prompt_ids": pad(prompts, pad_id, "left", self.pad_to_multiple_of).to(device),
-            "prompt_mask": pad([torch.ones_like(p) for p in prompts], 0, "left", self.pad_to_multiple_of).to(device),
-            "completion_ids": completion_ids,
-            "completion_mask": completion_mask,
-            "turn_ids": turn_ids,
-        }
+        """x left-padded | y1 + correction turn + y2 right-padded; `turn_ids` marks the trained tokens per attempt (a
+        truncated attempt stays in the context but leaves the loss under `mask_truncated_completions`)."""
+        truncated = [self._is_truncated(ids) for ids in attempts] if self.mask_truncated_completions else None
+        return training_layout(prompt_ids, attempts, appended, self._tokenizer.pad_token_id, self.pad_to_multiple_of,
+                               self.accelerator.device, truncated)  # fmt: skip
 
     def _is_truncated(self, completion_ids: list[list[int]]) -> list[bool]:
         ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
@@ -432,46 +351,10 @@ class SCoReTrainer(RLOOTrainer):
         returns gathered (N_global,) rewards, NaN when unscorable."""
         conversations = answered_conversations(prompts, texts, instructions, t)
         completions = [as_completion(text) for text in texts[t]]
-        with self._reward_logs_of_attempt(t + 1), self._reward_errors_named(inputs, texts, t):
+        with reward_logs_of_attempt(self, t + 1), reward_errors_named(self, inputs, texts[t], t + 1):
             per_func = self._calculate_rewards(inputs, conversations, completions, attempts[t])
         log_reward_functions(self, mode, t + 1, per_func)
         return combine_rewards(per_func, self.reward_weights, self.reward_clip_range)
-
-    @contextmanager
-    def _reward_logs_of_attempt(self, attempt: int):
-        # Reward functions log through log_extra/log_metric into shared buffers; keep each attempt's entries apart
-        # (renamed `{key}/turn{t}`, and under the key alone for the last attempt) so the calls neither double the rows
-        # nor mix the turns.
-        pending = dict(self._pending_extra_logs), dict(self._pending_metrics)
-        self._pending_extra_logs.clear()
-        self._pending_metrics.clear()
-        try:
-            yield
-        finally:
-            last = attempt == self.num_attempts
-            for saved, new in zip(pending, (self._pending_extra_logs, self._pending_metrics), strict=True):
-                saved.update({f"{k}/turn{attempt}": v for k, v in new.items()})
-                saved.update(dict(new) if last else {})
-                new.clear()
-                new.update(saved)
-
-    @contextmanager
-    def _reward_errors_named(self, inputs, texts, t):
-        # A reward that fails stops the run with the function, attempt, row and step named
-        try:
-            yield
-        except RewardTimeout as err:  # calling it again row by row (as explain_failure does) could hang again
-            raise RewardError(
-                f"{err} on attempt {t + 1} of the generation batch of {len(inputs)} rows at step "
-                f"{self.state.global_step}. Training stopped; checkpoints already saved in {self.args.output_dir} are "
-                "intact (resume with resume_from_checkpoint=last)."
-            ) from err
-        except Exception as err:
-            where = explain_failure(self.reward_funcs, self.reward_func_names, inputs, texts[t], t + 1, self.state)
-            raise RewardError(
-                f"{where}. Training stopped at step {self.state.global_step}; checkpoints already saved in "
-                f"{self.args.output_dir} are intact (resume with resume_from_checkpoint)."
-            ) from err
 
     def _compute_loss(self, model, inputs):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]

@@ -176,3 +176,22 @@ def turn_masks(turn_ids: torch.Tensor, num_attempts: int) -> torch.Tensor:
     """(B, C) turn ids -> (B, num_attempts, C) float masks, one per attempt."""
     turns = torch.arange(1, num_attempts + 1, device=turn_ids.device).view(1, -1, 1)
     return (turn_ids.unsqueeze(1) == turns).float()
+
+
+def training_layout(prompt_ids, attempts, appended, pad_token_id, pad_to_multiple_of, device, truncated=None) -> dict:
+    """The training rows: x left-padded | y1 + correction turn + y2 ... right-padded, and `turn_ids` marking the
+    trained tokens of each attempt. With `truncated[t][i]` (`mask_truncated_completions`), a truncated attempt stays
+    in the context but leaves the loss."""
+    completion_ids, completion_mask, turn_ids = pack_attempts(
+        attempts, appended, pad_token_id, pad_to_multiple_of, device
+    )
+    for t, flags in enumerate(truncated or []):
+        turn_ids = turn_ids.masked_fill((turn_ids == t + 1) & torch.tensor(flags, device=device).unsqueeze(1), 0)
+    prompts = [torch.tensor(ids) for ids in prompt_ids]
+    return {
+        "prompt_ids": pad(prompts, pad_token_id, "left", pad_to_multiple_of).to(device),
+        "prompt_mask": pad([torch.ones_like(p) for p in prompts], 0, "left", pad_to_multiple_of).to(device),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "turn_ids": turn_ids,
+    }
