@@ -164,3 +164,37 @@ def load_tokenizer(model_name_or_path: str, revision: str | None = None, trust_r
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def default_dtype(cpu: bool | None = None) -> str:
+    """The dtype a run computes in when none is given: bfloat16 on a GPU that supports it, else float32 (CPU)."""
+    from .config import bf16_device_available
+
+    return "bfloat16" if bf16_device_available(bool(cpu)) else "float32"
+
+
+def load_for_generation(path: str, dtype: str | None = None, adapter: str | None = None, quantization_config=None,
+                        attn_implementation: str | None = None, revision: str | None = None, cpu: bool | None = None,
+                        merge: bool = False):  # fmt: skip
+    """The one loader every entry point and script generates with: the model folder from `resolve_model` (hub id,
+    folder or converted GGUF) in `dtype` (default: the checkpoint's own, "auto"), 4-bit when given TRL's
+    `get_quantization_config(model_args)`, on the GPU when there is one (unless `cpu`), with a LoRA `adapter` applied
+    (and merged in with `merge`), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cpu = not torch.cuda.is_available() if cpu is None else cpu
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=revision,
+        dtype=dtype or "auto",
+        attn_implementation=attn_implementation,
+        quantization_config=quantization_config,
+        device_map=None if cpu else "auto",
+    )
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        model = model.merge_and_unload() if merge else model
+    return model.eval()

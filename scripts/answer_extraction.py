@@ -17,7 +17,7 @@ from pathlib import Path
 from score_trl.data import load_score_dataset
 from score_trl.evaluation import read_records
 from score_trl.generation import TransformersGenerator
-from score_trl.models import convert_gguf, load_tokenizer
+from score_trl.models import convert_gguf, load_for_generation, load_tokenizer
 from score_trl.rewards import extract_answer, math_answer_reward, math_strict_reward
 
 
@@ -67,8 +67,6 @@ MODELS = {
 
 def generate(name: str, data: str, limit: int, path: Path, max_new_tokens: int, batch_size: int) -> list[dict]:
     """Greedy first attempts, appended to `path` batch by batch (records as score-eval writes them)."""
-    from transformers import AutoModelForCausalLM
-
     gguf, template = MODELS[name]
     folder = convert_gguf(gguf, chat_template=template)
     tokenizer = load_tokenizer(folder)
@@ -76,7 +74,7 @@ def generate(name: str, data: str, limit: int, path: Path, max_new_tokens: int, 
     records = read_records(path)
     todo = [i for i in range(len(rows)) if i not in {r["index"] for r in records}]
     if todo:
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        model = load_for_generation(folder, cpu=True)
         generator = TransformersGenerator(model, tokenizer, max_new_tokens=max_new_tokens)
         with path.open("a") as out:
             for start in range(0, len(todo), batch_size):

@@ -12,8 +12,8 @@ by hand on an H200; the limits of the required stages add up to no more than the
 - model (required): gemma-2-2b from its published configuration with random weights and Gemma 3's tokenizer;
 - recipe_step (required): one optimizer step of `recipes/gemma2b.yaml` at its full size, in Stage II, through
   `accelerate launch`; step time, torch's and nvidia-smi's peak are written as soon as the step is logged;
-- backend_<name>: ms per decode step at batch 32 x 128 tokens per attempt (the SCoRe arm of `score-benchmark`), most
-  promising first; continuous batching with and without CUDA graphs are required;
+- backend_<name>: ms per decode step at batch 32 x 128 tokens per attempt (the SCoRe arm of
+  `experiments/benchmark.py`), most promising first; continuous batching with and without CUDA graphs are required;
 - ratio_128 (required): SCoRe against RLOO at 128 tokens per attempt, padded `generate`, so its SCoRe arm is also that
   backend's decode figure;
 - only with budget left: static cache + compile, `merged`, the recipe's second step (resumed from the first one's
@@ -359,7 +359,7 @@ def build_model(out: str, tokenizer: str, tiny: bool):
     import torch
     from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
 
-    from score_trl.cli.benchmark import GEMMA2_2B, GEMMA2_TINY
+    from experiments.benchmark import GEMMA2_2B, GEMMA2_TINY
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
@@ -423,7 +423,7 @@ def benchmark_command(check: Check, model: Path, out_json: Path, tokens: int, ex
     else:
         size = ["--rows", "32", "--num_generations", "4", "--tokens", str(tokens), "--lora_r", "32"]
         size += ["--load_in_4bit", "--gradient_checkpointing"]  # as the recipe
-    return [sys.executable, "-m", "score_trl.cli.benchmark", "--model", str(model), "--steps", "1", "--warmup", "0",
+    return [sys.executable, "-m", "experiments.benchmark", "--model", str(model), "--steps", "1", "--warmup", "0",
             *size, "--output_json", str(out_json), *extra]  # fmt: skip
 
 

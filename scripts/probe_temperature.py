@@ -10,16 +10,20 @@ advantage). Also the greedy first-attempt accuracy (the base model's). Writes a 
 import argparse
 import datetime
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, set_seed
+from transformers import set_seed
 
-from score_trl.cli.common import provenance
-from score_trl.cli.reproduce import hardware, load, parse_args
-from score_trl.generation import TransformersGenerator
-from score_trl.rewards import numeric_reward
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's experiments/, not installed
+from experiments.reproduce import hardware, load, parse_args  # noqa: E402
+from score_trl.cli.common import provenance  # noqa: E402
+from score_trl.generation import TransformersGenerator  # noqa: E402
+from score_trl.models import load_for_generation  # noqa: E402
+from score_trl.rewards import numeric_reward  # noqa: E402
 
 
 def first_attempts(model, tokenizer, prompts, rows, max_new_tokens, **sampling) -> list[float]:
@@ -37,20 +41,21 @@ def main():
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--out", default="probe_temperature.json")
     own, rest = parser.parse_known_args()
-    args = parse_args(rest)
+    setup = parse_args(rest)
+    args, tokens = setup.args, setup.training.max_completion_length
     started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
-    path, tokenizer, data = load(args)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    path, tokenizer, data = load(setup)
+    model = load_for_generation(path, cpu=True)
     rows = list(data["validation"])
     prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=False) for r in rows]
-    greedy = first_attempts(model, tokenizer, prompts, rows, args.max_completion_length, do_sample=False)
+    greedy = first_attempts(model, tokenizer, prompts, rows, tokens, do_sample=False)
     print("greedy accuracy", sum(greedy) / len(greedy), flush=True)
     results = {}
     for temperature in own.temperatures:
         set_seed(args.seeds[0])
         per_sample = [
             first_attempts(
-                model, tokenizer, prompts, rows, args.max_completion_length, do_sample=True, temperature=temperature
+                model, tokenizer, prompts, rows, tokens, do_sample=True, temperature=temperature
             )
             for _ in range(own.samples)
         ]
@@ -65,10 +70,10 @@ def main():
     with open(own.out, "w") as f:
         record = {
             "split": "validation",
-            "model": args.gguf_file or args.model_name_or_path,
-            "chat_template": args.chat_template,
+            "model": setup.script.gguf_file or setup.model.model_name_or_path,
+            "chat_template": setup.script.chat_template,
             "samples": own.samples,
-            "max_new_tokens": args.max_completion_length,
+            "max_new_tokens": tokens,
             "greedy_accuracy": sum(greedy) / len(greedy),
             "results": results,
             "date": started.isoformat(timespec="seconds"),

@@ -1,9 +1,14 @@
-"""The self-correction result and its ablations (see score_trl/cli/reproduce.py):
+"""The self-correction result and its ablations (see experiments/reproduce.py):
 
 python scripts/reproduce.py recipes/reproduce/smollm2_cpu.yaml [--arms score rloo] [--flag value ...]
 """
 
-from score_trl.cli.reproduce import cli
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's experiments/, not installed
+from experiments.reproduce import cli  # noqa: E402
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from score_trl.cli.benchmark import cli
+from experiments.benchmark import cli
 
 
 def check(result, rows, tokens, steps=2, score="SCoRe", rloo="RLOO"):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from score_trl.cli.arithmetic import WORDS, facts, make_splits, solve
-from score_trl.cli.curves import mean_over_seeds, moving_average, revision_series, reward_series
-from score_trl.cli.transfer import TEMPLATES, transfer_rows
+from experiments.arithmetic import WORDS, facts, make_splits, solve
+from experiments.curves import mean_over_seeds, moving_average, revision_series, reward_series
+from experiments.transfer import TEMPLATES, transfer_rows
 from score_trl.rewards import last_number, numeric_reward
 
 
@@ -100,7 +100,7 @@ def test_transfer_set_asks_the_test_facts_in_other_words():
     assert not any(_QUESTION.fullmatch(row["question"]) or "What is" in row["question"] for row in rows)
     assert {row["question"] for row in rows}.isdisjoint(row["question"] for split in splits.values() for row in split)
     # same facts as the test split (answers in the same order: the facts are the test split's, in its fact order)
-    from score_trl.cli.arithmetic import split_facts_of
+    from experiments.arithmetic import split_facts_of
 
     test_facts = split_facts_of(0, 320, 120)["test"]
     assert [row["answer"] for row in rows] == [str(solve(*fact)) for fact in test_facts]
@@ -118,28 +118,34 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes" / "reproduce"
 
 @pytest.mark.parametrize("recipe", ["smollm2_cpu.yaml", "gpu.yaml", "gemma3_270m_cpu.yaml"])
 def test_reproduction_recipes_parse(recipe):
-    from score_trl.cli.reproduce import ARMS, parse_args
+    from experiments.reproduce import ARMS, parse_args
 
-    args = parse_args([str(RECIPES_DIR / recipe)])
+    setup = parse_args([str(RECIPES_DIR / recipe)])
+    args, training = setup.args, setup.training
     arms = ARMS if recipe != "gemma3_270m_cpu.yaml" else ("base", "rloo", "score")  # the second model's minimum
     assert args.arms[:3] == ["base", "rloo", "score"] and set(args.arms) == set(arms) and len(args.seeds) >= 3
     if "rloo_then_score" in args.arms:
         assert args.arms.index("rloo") < args.arms.index("rloo_then_score")  # the continuation arms start from rloo
-    assert (args.alpha, args.beta, args.beta2) == (10.0, 0.01, 0.1)  # the paper's
-    assert 0 < args.stage_one_steps < args.max_steps and args.eval_split == "test" and args.n_test >= 300
+    assert (training.alpha, training.beta, training.beta2) == (10.0, 0.01, 0.1)  # the paper's
+    assert 0 < training.stage_one_steps < training.max_steps and args.eval_split == "test" and args.n_test >= 300
+    assert setup.model.use_peft and setup.model.lora_r == 16 and training.disable_dropout
 
 
 def test_second_model_recipe_differs_from_smollm2s_only_in_model_temperature_and_folders():
     """Gemma 3 270M gets the same task, splits, budget and SCoRe settings as SmolLM2, so the two are comparable."""
     from dataclasses import asdict
 
-    from score_trl.cli.reproduce import parse_args
+    from experiments.reproduce import parse_args
 
-    smollm2 = asdict(parse_args([str(RECIPES_DIR / "smollm2_cpu.yaml")]))
-    gemma = asdict(parse_args([str(RECIPES_DIR / "gemma3_270m_cpu.yaml")]))
+    def flat(setup):
+        training = {k: v for k, v in setup.training.to_dict().items() if k not in ("logging_dir",)}
+        return asdict(setup.args) | asdict(setup.script) | training | asdict(setup.model)
+
+    smollm2 = flat(parse_args([str(RECIPES_DIR / "smollm2_cpu.yaml")]))
+    gemma = flat(parse_args([str(RECIPES_DIR / "gemma3_270m_cpu.yaml")]))
     differing = {key for key in smollm2 if smollm2[key] != gemma[key]}
-    assert differing <= {"gguf_file", "chat_template", "temperature", "arms", "output_dir", "work_dir"}, differing
-    assert gemma["output_dir"] != smollm2["output_dir"] and gemma["work_dir"] != smollm2["work_dir"]
+    assert differing <= {"gguf_file", "chat_template", "temperature", "arms", "results_dir", "work_dir"}, differing
+    assert gemma["results_dir"] != smollm2["results_dir"] and gemma["work_dir"] != smollm2["work_dir"]
 
 
 def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
@@ -147,17 +153,20 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     start from the same seed's rloo model; the tables, curves and records come from files the run wrote, and a rerun
     replaces the chosen arms unless resuming."""
 
-    from score_trl.cli.reproduce import ARMS, main, parse_args
+    from experiments.reproduce import ARMS, main, parse_args
 
     argv = [
-        "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "out"),
-        "--work_dir", str(tmp_path / "work"), "--max_steps", "2", "--stage_one_steps", "1", "--prompts_per_step",
-        "2", "--num_generations", "2", "--max_completion_length", "4", "--eval_max_new_tokens", "4",
-        "--n_test", "12", "--n_validation", "6", "--n_transfer", "8", "--eval_batch_size", "8", "--seeds", "0", "1",
+        str(RECIPES_DIR / "smollm2_cpu.yaml"),  # the real recipe, with overrides
+        "--model_name_or_path", tiny_model_dir, "--results_dir", str(tmp_path / "out"),
+        "--work_dir", str(tmp_path / "work"), "--max_steps", "2", "--stage_one_steps", "1",
+        "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
+        "--eval_max_new_tokens", "4", "--n_test", "12", "--n_validation", "6", "--n_transfer", "8",
+        "--eval_batch_size", "8", "--seeds", "0", "1",
     ]  # fmt: skip
-    args = parse_args(argv)
-    args.gguf_file = None
-    output = main(args)
+    setup = parse_args(argv)
+    setup.script.gguf_file = None
+    args = setup.args
+    output = main(setup)
     work = tmp_path / "work"
     for seed in (0, 1):
         for arm in ARMS:
@@ -190,18 +199,18 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
         assert (output / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mtime = {arm: (output / "seed0" / arm / "summary.json").stat().st_mtime_ns for arm in ARMS[1:]}
     args.resume = True
-    main(args)  # a stopped run continues: finished arms are kept, not redone
+    main(setup)  # a stopped run continues: finished arms are kept, not redone
     assert {arm: (output / "seed0" / arm / "summary.json").stat().st_mtime_ns for arm in ARMS[1:]} == mtime
     args.resume, args.arms, args.seeds = False, ["score"], [0]
-    main(args)  # a rerun replaces the chosen arm and seed only
+    main(setup)  # a rerun replaces the chosen arm and seed only
     assert (output / "seed0" / "score" / "summary.json").stat().st_mtime_ns != mtime["score"]
     assert (output / "seed0" / "rloo" / "summary.json").stat().st_mtime_ns == mtime["rloo"]
     args.arms = ["rloo"]
-    main(args)  # a retrained rloo arm drops the merged model its old adapter made
+    main(setup)  # a retrained rloo arm drops the merged model its old adapter made
     assert not (work / "seed0" / "rloo" / "merged").exists()
     args.arms, args.seeds = ["rloo_then_score"], [7]  # no rloo arm for seed 7
     with pytest.raises(FileNotFoundError, match="run the rloo arm for seed 7 first"):
-        main(args)
+        main(setup)
 
 
 def test_continuation_arms_start_from_the_rloo_adapter_merged(tiny_model_dir, tokenizer, tmp_path):
@@ -210,9 +219,9 @@ def test_continuation_arms_start_from_the_rloo_adapter_merged(tiny_model_dir, to
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from score_trl.cli.reproduce import ReproduceArguments, start_model
+    from experiments.reproduce import parse_args, start_model
 
-    args = ReproduceArguments(work_dir=str(tmp_path), gguf_file=None)
+    args = parse_args([str(RECIPES_DIR / "smollm2_cpu.yaml"), "--work_dir", str(tmp_path)])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)  # B != 0
     peft_model = get_peft_model(model, config)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from score_trl.cli.pooled import (
+from experiments.pooled import (
     load_runs,
     paired_difference,
     problem_values,

