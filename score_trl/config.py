@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 from trl import RLOOConfig
 
+from .stats import CORRECT_THRESHOLD
+
 
 # The paper's self-correction instruction for MATH (Kumar et al. 2024, Appendix), used as the default.
 MATH_CORRECTION_INSTRUCTION = (
@@ -185,7 +187,7 @@ class SCoReConfig(RLOOConfig):
         },
     )
     correct_threshold: float = field(
-        default=0.5,
+        default=CORRECT_THRESHOLD,
         metadata={
             "help": "An attempt counts as correct in the self-correction metrics (accuracy, incorrect->correct, "
             "correct->incorrect) when its reward is >= this value."

@@ -142,6 +142,27 @@ def build_prompt(question: str, template: str, system_prompt: str | None = None,
     return messages
 
 
+def check_required(row: dict, required: tuple, format: str, where: str):
+    """Every column the format needs, present and not empty; else an error naming the row and the columns."""
+    for column in required:
+        value = row.get(column)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataFormatError(
+                f"{where}: missing or empty column {column!r} (the {format} format needs {', '.join(required)})."
+            )
+
+
+def question_text(row: dict, format: str) -> str:
+    """The question as the prompt states it: MBPP's task with its tests (they fix the function name the model must
+    use), HumanEval's signature and docstring as a function to complete."""
+    question = row[_QUESTION[format]]
+    if format == "mbpp":
+        question = f"{question}\nYour code should pass these tests:\n" + "\n".join(row["test_list"])
+    if format == "humaneval":
+        question = f"Complete this function:\n```python\n{question}```"
+    return question
+
+
 def to_score_rows(
     rows: list[dict],
     source: str,
@@ -177,18 +198,8 @@ def to_score_rows(
 
     out = []
     for number, row in enumerate(rows, start=1):
-        for column in required:
-            value = row.get(column)
-            if value is None or (isinstance(value, str) and not value.strip()):
-                raise DataFormatError(
-                    f"{source} row {number}: missing or empty column {column!r} (the {format} format needs "
-                    f"{', '.join(required)})."
-                )
-        question = row[_QUESTION[format]]
-        if format == "mbpp":  # the tests fix the function name the model must use
-            question = f"{question}\nYour code should pass these tests:\n" + "\n".join(row["test_list"])
-        if format == "humaneval":
-            question = f"Complete this function:\n```python\n{question}```"
+        check_required(row, required, format, f"{source} row {number}")
+        question = question_text(row, format)
         item = {
             "prompt": build_prompt(question, task_spec.prompt_template, system_prompt, tokenizer),
             "task": task or default_task,  # per row, so that mixed-task data can pick each row's reward

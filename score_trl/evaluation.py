@@ -15,7 +15,7 @@ import torch
 
 from .generation import Generator, generate_attempts
 from .scoring import answered_conversations, graded_answer, score_texts
-from .stats import bootstrap_interval, edit_stats, self_correction_stats, wilson_interval
+from .stats import CORRECT_THRESHOLD, bootstrap_interval, edit_stats, self_correction_stats, wilson_interval
 from .turns import instruction_for
 
 
@@ -29,7 +29,7 @@ def evaluate(
     limit: int | None = None,
     correction_instruction: str | None = None,
     num_samples: int = 1,
-    threshold: float = 0.5,
+    threshold: float = CORRECT_THRESHOLD,
     progress: bool = True,
     num_attempts: int = 2,
     chat_template_kwargs: dict | None = None,
@@ -95,8 +95,9 @@ def _evaluate_batch(generator, tokenizer, rows, batch, reward_funcs, correction_
     ]
 
 
-def read_records(path) -> list[dict]:
-    """Records of an evaluation JSONL; a last line cut off by a crash is dropped (it is redone)."""
+def read_records(path, repair: bool = True) -> list[dict]:
+    """Records of an evaluation JSONL; a last line cut off by a crash is dropped (it is redone), and with `repair`
+    the file is rewritten without it so that appending continues on a clean line."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -106,8 +107,8 @@ def read_records(path) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    # Rewrite without a broken tail so that appending continues on a clean line
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if repair:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
@@ -116,7 +117,7 @@ def attempts_in(records: list[dict]) -> int:
     return max((int(key.split("_")[1]) for r in records for key in r if key.startswith("reward_")), default=2)
 
 
-def summarize(records: list[dict], threshold: float = 0.5, answer_of=None) -> dict:
+def summarize(records: list[dict], threshold: float = CORRECT_THRESHOLD, answer_of=None) -> dict:
     """The paper's table from evaluation records, for K attempts, under `score_trl.stats`' keys. Rows with an
     unscorable attempt are left out (and counted as `unscorable`). Adds 95% intervals: Wilson on each accuracy
     (`accuracy_t{t}_ci`), a paired bootstrap on Δ (`delta_ci`). `answer_of` reads the answer the reward grades, for

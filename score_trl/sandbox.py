@@ -177,20 +177,7 @@ def run_python(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_p
             f.write(program)
         os.chmod(workdir, 0o755)  # readable by the sandbox's own user id
         os.chmod(program_path, 0o644)
-        uid, processes = None, max_processes
-        if isolated:
-            # bubblewrap itself adds two processes (its monitor and the namespace's init)
-            command, cwd, env = bwrap_command(workdir), "/", {}
-            processes += 2
-            if os.geteuid() == 0:
-                with _UID_LOCK:
-                    uid = next(_UIDS)
-            else:  # the limit counts every process of this user: leave room for the ones that already run
-                processes += _processes_of(os.getuid())
-        else:  # opted in to no sandbox: limits and timeout only, as the trainer's user
-            processes += _processes_of(os.getuid())
-            command, cwd = [sys.executable, "-I", program_path], workdir
-            env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0"}
+        command, cwd, env, uid, processes = _launch_settings(workdir, program_path, isolated, max_processes)
         process = subprocess.Popen(
             command,
             cwd=cwd,
@@ -218,6 +205,26 @@ def run_python(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_p
         return SandboxResult(process.returncode == 0, status, text)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _launch_settings(workdir: str, program_path: str, isolated: bool, max_processes: int):
+    """(command, cwd, environment, user id or None, process limit) of one program run: under bubblewrap with its own
+    user id when running as root, or (opted in to no sandbox) the system interpreter with limits only."""
+    uid, processes = None, max_processes
+    if isolated:
+        # bubblewrap itself adds two processes (its monitor and the namespace's init)
+        command, cwd, env = bwrap_command(workdir), "/", {}
+        processes += 2
+        if os.geteuid() == 0:
+            with _UID_LOCK:
+                uid = next(_UIDS)
+        else:  # the limit counts every process of this user: leave room for the ones that already run
+            processes += _processes_of(os.getuid())
+    else:  # opted in to no sandbox: limits and timeout only, as the trainer's user
+        processes += _processes_of(os.getuid())
+        command, cwd = [sys.executable, "-I", program_path], workdir
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0"}
+    return command, cwd, env, uid, processes
 
 
 def _kill_tree(process: subprocess.Popen):

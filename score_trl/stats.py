@@ -13,9 +13,11 @@ Keys (documented once, in the README's metrics table):
 """
 
 import math
-import random
 
 import torch
+
+
+CORRECT_THRESHOLD = 0.5  # a reward at or above it counts as a correct attempt (0/1 verifiers: 1 is correct)
 
 
 def transition_key(kind: str, t: int, u: int, num_attempts: int) -> str:
@@ -104,13 +106,12 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def bootstrap_interval(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of a mean (used for Δ, a difference of paired proportions)."""
+    """95% percentile bootstrap interval of a mean (used for Δ, a difference of paired proportions): the two-level
+    bootstrap below with a single seed, so there is one resampling scheme."""
     if not values:
         return (math.nan, math.nan)
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(draws))
-    return (means[int(0.025 * draws)], means[int(0.975 * draws) - 1])
+    result = two_level_bootstrap([values], draws=draws, seed=seed)
+    return (result["low"], result["high"])
 
 
 def two_level_bootstrap(per_seed: list[list[float]], draws: int = 2000, seed: int = 0) -> dict[str, float]:

@@ -133,13 +133,12 @@ def load_datasets(script_args, training_args, tokenizer):
     return train_dataset, eval_dataset
 
 
-def main(script_args, training_args, model_args):
-    import torch
+def build_trainer(script_args, training_args, model_args):
+    """(trainer, eval dataset, reward functions) from the three parsed argument groups, checked before any load."""
     from trl import get_peft_config, get_quantization_config
 
     from ..data import default_reward_names
     from ..models import resolve_model
-    from ..preemption import PREEMPTED_EXIT_CODE, end_process
     from ..rewards import get_reward_funcs
     from ..trainer import SCoReTrainer
 
@@ -161,7 +160,6 @@ def main(script_args, training_args, model_args):
     }
     train_dataset, eval_dataset = load_datasets(script_args, training_args, tokenizer)
     reward_funcs = get_reward_funcs(script_args.reward_funcs or default_reward_names(train_dataset))
-
     trainer = SCoReTrainer(
         callbacks=step_report_callbacks(),
         model=model_path,
@@ -173,7 +171,17 @@ def main(script_args, training_args, model_args):
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
+    return trainer, eval_dataset, reward_funcs
 
+
+def main(script_args, training_args, model_args):
+    """Train, save, and (with compare_before_after) print the before/after table. The process ends here, not in the
+    library: with status 75 after a preemption (checkpoint saved), and without teardown in a process group."""
+    import torch
+
+    from ..preemption import PREEMPTED_EXIT_CODE, end_process
+
+    trainer, eval_dataset, reward_funcs = build_trainer(script_args, training_args, model_args)
     before = _compare(trainer, eval_dataset, reward_funcs, script_args) if script_args.compare_before_after else None
     trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     if trainer.preempted_at is not None:  # the checkpoint is saved on every rank: "try again later"
