@@ -21,11 +21,11 @@ number of steps), and is then evaluated once, greedy, with two attempts, on the 
 The continuation arms need the same seed's rloo arm (its adapter, kept in work_dir). With the test split, every arm is
 also scored on the transfer set (`experiments.transfer`: the test facts in phrasings the generator never uses).
 
-Files: output_dir/base/ and output_dir/seed<S>/<arm>/ hold records.jsonl (every problem, both attempts and rewards;
+Files: results_dir/base/ and results_dir/seed<S>/<arm>/ hold records.jsonl (every problem, both attempts and rewards;
 resumable), summary.json, transfer/ (the same for the transfer set), log_history.json (the trainer's logged metrics
 per step) and run.json (settings, wall times, hardware, and the provenance: commit and whether the tree was dirty,
 package versions, the exact command, peak RSS). Trained adapters stay in work_dir/seed<S>/<arm>/adapter, so that
-`score-eval --adapter` can score them on other data. At the end, from every finished evaluation in output_dir:
+`score-eval --adapter` can score them on other data. At the end, from every finished evaluation in results_dir:
 results.md (per seed, pooled over seeds with two-level bootstrap intervals, paired differences, the targets, the
 transfer set; `experiments.pooled`), curves.png (training reward, and how often the second attempt changes its text
 and its answer, against step; mean over seeds) and comparison.png (the first seed's table). Each chosen arm is run

@@ -4,7 +4,8 @@ from dataclasses import dataclass, field
 
 from trl import RLOOConfig
 
-from .stats import CORRECT_THRESHOLD
+
+CORRECT_THRESHOLD = 0.5  # a reward at or above it counts as a correct attempt (0/1 verifiers: 1 is correct)
 
 
 # The paper's self-correction instruction for MATH (Kumar et al. 2024, Appendix), used as the default.
@@ -76,7 +77,8 @@ class SCoReConfig(RLOOConfig):
             that names the function, the attempt and the step. `None` (default) sets no limit.
         preemption_signals (`list[str]`, *optional*, defaults to `["SIGTERM", "SIGUSR1"]`):
             Signals on which every rank finishes the current optimizer step, saves a complete checkpoint and exits with
-            status 75 (`score_trl.preemption`). `[]` leaves the signals' default handling.
+            status 75 (`score_trl.preemption`; `score-train` exits, `SCoReTrainer.train` returns with `preempted_at`
+            set). `[]` leaves the signals' default handling.
         compile_generation (`bool`, *optional*, defaults to `False`):
             Compile the decoding step (with `cache_implementation="static"`); RLOOTrainer disables compilation. Takes
             effect on GPUs, where transformers compiles; the rollout is the same tokens either way.

@@ -118,12 +118,11 @@ def check_tokenizer(processing_class):
     return processing_class
 
 
-def check_inputs(model, reward_funcs, args, train_dataset, eval_dataset, processing_class):
-    """Every check SCoReTrainer runs before it loads anything: the launch, the model path, the datasets, the tokenizer
-    and its rendering of the first prompt, the correction turn, the reward functions. Returns (tokenizer, checked
-    reward functions, {default instruction: its turn bridge})."""
+def check_inputs(model, args, train_dataset, eval_dataset, processing_class):
+    """The checks SCoReTrainer runs before it loads anything, but the reward functions' (`reward_checks`): the launch,
+    the model path, the datasets, the tokenizer and its rendering of the first prompt, the correction turn. Returns
+    (tokenizer, the first training rows, {default instruction: its turn bridge})."""
     from .models import check_model_path
-    from .reward_checks import checked_reward_funcs
     from .turns import find_turn_bridge, instruction_for
 
     check_engine(args)
@@ -137,5 +136,4 @@ def check_inputs(model, reward_funcs, args, train_dataset, eval_dataset, process
     bridge = find_turn_bridge(processing_class, default_instruction, args.chat_template_kwargs or {})
     if first:
         check_renders(processing_class, first[0]["prompt"], args.chat_template_kwargs or {})
-    reward_funcs = checked_reward_funcs(reward_funcs, first, args.remove_unused_columns, args.reward_timeout)
-    return processing_class, reward_funcs, {default_instruction: bridge}
+    return processing_class, first, {default_instruction: bridge}

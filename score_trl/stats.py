@@ -16,8 +16,7 @@ import math
 
 import torch
 
-
-CORRECT_THRESHOLD = 0.5  # a reward at or above it counts as a correct attempt (0/1 verifiers: 1 is correct)
+from .config import CORRECT_THRESHOLD  # noqa: F401 (one home for the threshold; re-exported for the reports)
 
 
 def transition_key(kind: str, t: int, u: int, num_attempts: int) -> str:

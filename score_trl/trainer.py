@@ -38,7 +38,7 @@ from .objective import (
     stage_at,
 )
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
-from .reward_checks import check_scorable, reward_errors_named
+from .reward_checks import check_scorable, checked_reward_funcs, reward_errors_named
 from .scoring import answered_conversations, as_completion, combine_rewards, graded_answer
 from .turns import find_turn_bridge, instruction_for, training_layout, turn_masks
 
@@ -93,7 +93,8 @@ class SCoReTrainer(RLOOTrainer):
     - `_set_signature_columns_if_needed`: `remove_unused_columns=True` keeps SCoRe's own columns
       (`correction_instruction`, `first_attempt`) beside `prompt`.
     - `train`: `resume_from_checkpoint=True`/`"last"` takes the newest complete checkpoint, and a preemption signal
-      ends the run with a checkpoint and status 75 (`score_trl.checkpoints`, `score_trl.preemption`).
+      stops it after the step in progress with a checkpoint on every rank and `preempted_at` set; the entry point ends
+      the process with status 75 (`score_trl.checkpoints`, `score_trl.preemption`).
     - `_generate_single_turn`: RLOO's, unless `generation_weights="merged"`, which samples with padded `generate` from
       a merged copy of the LoRA policy synced after every optimizer step (`score_trl.merged_generation`).
 
@@ -150,9 +151,8 @@ class SCoReTrainer(RLOOTrainer):
             )
 
         # Everything here fails before any model work: a bad dataset, reward or tokenizer should not cost a load.
-        processing_class, reward_funcs, bridges = check_inputs(
-            model, reward_funcs, args, train_dataset, eval_dataset, processing_class
-        )
+        processing_class, first, bridges = check_inputs(model, args, train_dataset, eval_dataset, processing_class)
+        reward_funcs = checked_reward_funcs(reward_funcs, first, args.remove_unused_columns, args.reward_timeout)
 
         super().__init__(
             model,

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -154,6 +155,29 @@ def test_script_end_to_end_and_resume(tmp_path, tiny_model_dir):
     state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
     steps = [(h["step"], h["stage"]) for h in state["log_history"] if "loss" in h]
     assert steps == [(1, 1.0), (2, 2.0), (3, 2.0), (4, 2.0)]
+
+
+@pytest.mark.slow
+def test_script_exits_75_after_a_preemption(tmp_path, tiny_model_dir):
+    # The library's train() returns after a preemption; the entry point ends the process with 75 ("try again later")
+    recipe = {"model_name_or_path": tiny_model_dir, "dataset_name": str(write_toy_data(tmp_path / "toy.jsonl")),
+              "stage_one_steps": 1, "max_steps": 200, "num_generations": 2, "per_device_train_batch_size": 4,
+              "max_completion_length": 6, "use_cpu": True, "bf16": False, "logging_steps": 1, "report_to": "none",
+              "output_dir": str(tmp_path / "run")}  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    report = tmp_path / "steps.jsonl"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled", "SCORE_TRL_STEP_REPORT": str(report)}
+    command = [sys.executable, str(ROOT / "scripts" / "train_score.py"), str(tmp_path / "recipe.yaml")]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (report.is_file() and report.read_text().count("\n") >= 1):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 75, stderr[-3000:]
+    (checkpoint,) = (tmp_path / "run").glob("checkpoint-*")
+    assert "Preempted: " + checkpoint.name in stdout and not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
 def test_console_command_is_installed():

@@ -265,3 +265,20 @@ def test_deepspeed_checkpoints_need_every_ranks_shard_and_latest(tmp_path):
     cut_short = deepspeed_checkpoint(tmp_path / "cut", ZERO2_BF16_SHARDS)
     (cut_short / "global_step7" / ZERO2_BF16_SHARDS[0]).write_bytes(b"PK\x03\x04")
     assert missing_parts(cut_short) == [f"global_step7/{ZERO2_BF16_SHARDS[0]} (cut short)"]
+
+
+def test_train_returns_after_a_preemption_and_leaves_the_exit_to_the_caller(tmp_path, tiny_model_dir, tokenizer):
+    # The library no longer ends the process: train() returns with preempted_at set and the checkpoint saved
+    from transformers import TrainerCallback
+
+    class SignalAtStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, max_steps=4, preemption_signals=["SIGUSR1"])
+    trainer.add_callback(SignalAtStep2())
+    trainer.train()
+    assert trainer.preempted_at == 2 and trainer.state.global_step == 2
+    assert missing_parts(tmp_path / "checkpoint-2") == []
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers are given back
