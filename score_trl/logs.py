@@ -13,6 +13,7 @@ from transformers.utils import is_rich_available
 from trl.trainer.utils import nanstd, print_prompt_completions_sample
 
 from .metrics import clip_stats, length_stats, reward_stats
+from .scoring import answered_conversations, as_completion
 from .stats import change_flags, self_correction_stats
 
 
@@ -91,12 +92,8 @@ def flush_reward_logs(trainer, mode: str, num_rows: int):
 def log_table_rows(trainer, prompts, texts, instructions, rewards, advantages):
     """RLOO's record (`_logs`, read by its table and by callbacks): the prompt, the whole self-correction conversation
     after it as the completion, and the final attempt's advantage; and SCoRe's table rows, one column per attempt."""
-    conversations = []
-    for i in range(len(prompts)):
-        turns = [{"role": "assistant", "content": texts[0][i]}]
-        for t in range(1, trainer.num_attempts):
-            turns += [{"role": "user", "content": instructions[i]}, {"role": "assistant", "content": texts[t][i]}]
-        conversations.append(turns)
+    after_prompt = answered_conversations([[] for _ in prompts], texts, instructions, trainer.num_attempts - 1)
+    conversations = [[*turns, *as_completion(last)] for turns, last in zip(after_prompt, texts[-1], strict=True)]
     trainer._logs["prompt"].extend(gather_object(prompts))
     trainer._logs["completion"].extend(gather_object(conversations))
     trainer._logs["advantages"].extend(advantages[:, -1].tolist())

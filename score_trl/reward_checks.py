@@ -14,6 +14,8 @@ from torch import nn
 from transformers import TrainerState
 from trl.trainer.utils import is_async_callable
 
+from .scoring import as_completion
+
 
 # Arguments TRL passes to every reward function besides the dataset's columns
 TRL_REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
@@ -104,7 +106,7 @@ def reward_call(rows: list[dict], completions: list[str], state: TrainerState | 
     columns = [key for key in rows[0] if key not in ("prompt", "completion", "completion_ids")]
     return {
         "prompts": [row["prompt"] for row in rows],
-        "completions": [[{"role": "assistant", "content": text}] for text in completions],
+        "completions": [as_completion(text) for text in completions],
         "completion_ids": [[] for _ in rows],
         **{key: [row.get(key) for row in rows] for key in columns},
         "trainer_state": state or TrainerState(),

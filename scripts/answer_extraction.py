@@ -19,6 +19,7 @@ from score_trl.evaluation import read_records
 from score_trl.generation import TransformersGenerator
 from score_trl.models import convert_gguf, load_for_generation, load_tokenizer
 from score_trl.rewards import extract_answer, math_answer_reward, math_strict_reward
+from score_trl.scoring import as_completion
 
 
 def measure(records: list[dict], rows: list[dict]) -> dict:
@@ -27,7 +28,7 @@ def measure(records: list[dict], rows: list[dict]) -> dict:
     golds = {"answer": [rows[r["index"]].get("answer") for r in records]}
     attempts = max(int(key.split("_")[1]) for key in records[0] if key.startswith("attempt_"))
     for t in range(1, attempts + 1):
-        completions = [[{"role": "assistant", "content": r[f"attempt_{t}"]}] for r in records]
+        completions = [as_completion(r[f"attempt_{t}"]) for r in records]
         per_mode = {}
         for mode, reward in (("default", math_answer_reward), ("strict", math_strict_reward)):
             found = [extract_answer(c[0]["content"], strict=mode == "strict") for c in completions]

@@ -24,6 +24,7 @@ from score_trl.cli.common import provenance  # noqa: E402
 from score_trl.generation import TransformersGenerator  # noqa: E402
 from score_trl.models import load_for_generation  # noqa: E402
 from score_trl.rewards import numeric_reward  # noqa: E402
+from score_trl.scoring import as_completion  # noqa: E402
 
 
 def first_attempts(model, tokenizer, prompts, rows, max_new_tokens, **sampling) -> list[float]:
@@ -31,7 +32,7 @@ def first_attempts(model, tokenizer, prompts, rows, max_new_tokens, **sampling) 
     generate = TransformersGenerator(model, tokenizer, max_new_tokens, **sampling)
     ids = [c for i in range(0, len(prompts), 40) for c in generate(prompts[i : i + 40])]
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    completions = [as_completion(t) for t in texts]
     return numeric_reward(completions, answer=[r["answer"] for r in rows])
 
 
