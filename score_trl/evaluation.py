@@ -78,8 +78,9 @@ def _evaluate_batch(generator, tokenizer, rows, batch, reward_funcs, correction_
     attempts = generate_attempts(generator, tokenizer, prompts, instructions, chat_template_kwargs, num_attempts)
     texts = [tokenizer.batch_decode(ids, skip_special_tokens=True) for ids in attempts]
     rewards = [
-        score_texts(reward_funcs, answered_conversations(prompts, texts, instructions, t), texts[t], batch_rows,
-                    *combine)  # fmt: skip
+        score_texts(
+            reward_funcs, answered_conversations(prompts, texts, instructions, t), texts[t], batch_rows, *combine
+        )  # fmt: skip
         for t in range(num_attempts)
     ]
     return [

@@ -46,10 +46,7 @@ def score_texts(reward_funcs: list[Callable], conversations: list, texts: list[s
     completions = [as_completion(text) for text in texts]
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
     per_func = torch.tensor(
-        [
-            [_nan(v) for v in func(prompts=conversations, completions=completions, **columns)]
-            for func in reward_funcs
-        ],
+        [[_nan(v) for v in func(prompts=conversations, completions=completions, **columns)] for func in reward_funcs],
         dtype=torch.float64,
     ).T.reshape(len(texts), len(reward_funcs))
     weights = torch.ones(len(reward_funcs), dtype=torch.float64) if weights is None else torch.as_tensor(weights)

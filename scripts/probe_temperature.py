@@ -55,9 +55,7 @@ def main():
     for temperature in own.temperatures:
         set_seed(args.seeds[0])
         per_sample = [
-            first_attempts(
-                model, tokenizer, prompts, rows, tokens, do_sample=True, temperature=temperature
-            )
+            first_attempts(model, tokenizer, prompts, rows, tokens, do_sample=True, temperature=temperature)
             for _ in range(own.samples)
         ]
         groups = list(zip(*per_sample, strict=True))

@@ -93,7 +93,12 @@ def test_evaluation_reports_the_trainers_combined_reward(tmp_path, tiny_model_di
         expected = combine_rewards(per_func, trainer.reward_weights, trainer.reward_clip_range)
         assert [r[f"reward_{t + 1}"] for r in records] == pytest.approx(expected.tolist())
     # The weights and the clip matter here: an unweighted sum would differ
-    unweighted = [letter + word for letter, word in zip(
-        letter_reward([[{"content": x}] for x in texts[1]]),
-        word_reward([[{"content": x}] for x in texts[1]], answer=[row["answer"] for row in inputs]), strict=True)]
+    unweighted = [
+        letter + word
+        for letter, word in zip(
+            letter_reward([[{"content": x}] for x in texts[1]]),
+            word_reward([[{"content": x}] for x in texts[1]], answer=[row["answer"] for row in inputs]),
+            strict=True,
+        )
+    ]
     assert [r["reward_2"] for r in records] != pytest.approx(unweighted)
