@@ -103,10 +103,21 @@ def test_zero2_matches_ddp(ddp, tmp_path, tiny_model_dir):
         torch.testing.assert_close(zero2["params"][0][name], weight, rtol=0, atol=1e-6)
 
 
+# One uninterrupted ZeRO-3 run with LoRA, 6 steps (3 in Stage I): checked on its own, and the preempted-and-resumed
+# run must end bitwise equal to it
+ZERO3_RUN = ["--lora", "--max_steps", "6", "--stage_one_steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def zero3_whole(tmp_path_factory, tiny_model_dir):
+    output = tmp_path_factory.mktemp("zero3")
+    return run(ZERO3, output, tiny_model_dir, output, *ZERO3_RUN, port=29519)
+
+
 @pytest.mark.slow
 @needs_deepspeed
-def test_zero3_shards_lora_generates_and_trains_both_stages(tmp_path, tiny_model_dir):
-    zero3 = run(ZERO3, tmp_path, tiny_model_dir, tmp_path, "--lora", port=29519)
+def test_zero3_shards_lora_generates_and_trains_both_stages(zero3_whole):
+    zero3 = zero3_whole
     for engine in zero3["engines"]:
         assert (engine["wrapped"], engine["zero_stage"]) == ("DeepSpeedEngine", 3)
         # Really sharded: every parameter is an empty placeholder, each rank holds half of the elements
@@ -115,18 +126,16 @@ def test_zero3_shards_lora_generates_and_trains_both_stages(tmp_path, tiny_model
     adapter = [n for n in zero3["params"][0] if "lora_B" in n]
     assert adapter and any(zero3["params"][0][n].abs().sum() > 0 for n in adapter)  # lora_B starts at 0: it trained
     logs = zero3["logs"]
-    assert [h["stage"] for h in logs] == [1.0, 2.0, 2.0]
-    # Two attempts were generated (with the weights TRL gathers) and scored under ZeRO-3
+    assert [h["stage"] for h in logs] == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
+    # Two attempts were generated (with the weights TRL gathers for generation) and scored under ZeRO-3
     assert all(h["turn1/completions/mean_length"] > 0 and h["turn2/completions/mean_length"] > 0 for h in logs)
     assert all(h["turn2/kl"] >= 0 for h in logs) and logs[-1]["turn1/kl"] > 0  # Stage II: KL on turn 1 too
 
 
 @pytest.mark.slow
 @needs_deepspeed
-def test_zero3_preemption_saves_every_shard_and_resumes_bitwise(tmp_path, tiny_model_dir):
-    # Without gathering the weights for generation, as recipes/gemma9b_zero3.yaml runs
-    common = ["--lora", "--max_steps", "6", "--stage_one_steps", "3", "--no_gather"]
-    whole = run(ZERO3, tmp_path / "whole", tiny_model_dir, tmp_path / "whole", *common, port=29520)
+def test_zero3_preemption_saves_every_shard_and_resumes_bitwise(zero3_whole, tmp_path, tiny_model_dir):
+    common, whole = ZERO3_RUN, zero3_whole
 
     # SIGUSR1 to rank 1 only: every rank saves its shards of the same step, and the launch exits with 75
     stopped = tmp_path / "stopped"

@@ -278,7 +278,8 @@ def test_train_returns_after_a_preemption_and_leaves_the_exit_to_the_caller(tmp_
 
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, max_steps=4, preemption_signals=["SIGUSR1"])
     trainer.add_callback(SignalAtStep2())
+    before = signal.getsignal(signal.SIGUSR1)
     trainer.train()
     assert trainer.preempted_at == 2 and trainer.state.global_step == 2
     assert missing_parts(tmp_path / "checkpoint-2") == []
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers are given back
+    assert signal.getsignal(signal.SIGUSR1) == before  # the handler in place before train() is given back
