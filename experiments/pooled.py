@@ -7,10 +7,10 @@ The base arm is not trained, so it has one set of records; it is paired with eve
 
 from pathlib import Path
 
+from score_trl.config import CORRECT_THRESHOLD as THRESHOLD
 from score_trl.evaluation import read_records as read_jsonl
 from score_trl.rewards import numeric_reward
 from score_trl.scoring import graded_answer
-from score_trl.stats import CORRECT_THRESHOLD as THRESHOLD
 from score_trl.stats import change_flags, two_level_bootstrap
 
 

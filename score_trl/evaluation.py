@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from .config import CORRECT_THRESHOLD
 from .generation import Generator, generate_attempts
 from .scoring import answered_conversations, graded_answer, score_texts
-from .stats import CORRECT_THRESHOLD, bootstrap_interval, edit_stats, self_correction_stats, wilson_interval
+from .stats import bootstrap_interval, edit_stats, self_correction_stats, wilson_interval
 from .turns import instruction_for
 
 

@@ -16,8 +16,6 @@ import math
 
 import torch
 
-from .config import CORRECT_THRESHOLD  # noqa: F401 (one home for the threshold; re-exported for the reports)
-
 
 def transition_key(kind: str, t: int, u: int, num_attempts: int) -> str:
     """The key of a transition ("incorrect_to_correct" or "correct_to_incorrect") from attempt t to attempt u
