@@ -45,6 +45,9 @@ from score_trl.cli.common import parse, provenance, set_cpu_threads
 
 
 ARMS = ("base", "rloo", "score_no_stage1", "score", "score_alpha0", "rloo_then_score", "rloo_2n")
+# The feedback control (recipes/reproduce/smollm2_feedback.yaml, experiments.feedback_control): SCoRe trained with a
+# verdict on each attempt in its correction turn
+FEEDBACK_ARMS = ("score_verdict",)
 CONTINUED = ("rloo_then_score", "rloo_2n")  # start from the same seed's rloo model
 # Each arm is the recipe plus these overrides: (trainer, SCoReConfig fields). base is not trained.
 ARM_OVERRIDES = {
@@ -54,6 +57,7 @@ ARM_OVERRIDES = {
     "score_no_stage1": ("score", {"stage_one_steps": 0}),
     "score_alpha0": ("score", {"alpha": 0.0}),
     "rloo_then_score": ("score", {}),
+    "score_verdict": ("score", {"correction_feedback": "verdict"}),
 }
 # The training settings RLOOTrainer shares with SCoReTrainer, taken from the recipe's SCoReConfig for the rloo arms
 # (every other RLOOConfig field keeps TRL's default); RLOO gets twice the rows per step, so that its tokens per step
@@ -69,7 +73,9 @@ class ReproduceArguments:
     recipe (recipes/reproduce/*.yaml) also holds the training settings every arm shares, read by score-train's own
     parser into ScoreScriptArguments, SCoReConfig and ModelConfig; each arm is those plus `ARM_OVERRIDES`."""
 
-    arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": f"Arms to run, of {ARMS}."})
+    arms: list[str] = field(
+        default_factory=lambda: list(ARMS), metadata={"help": f"Arms to run, of {ARMS + FEEDBACK_ARMS}."}
+    )
     results_dir: str = field(default="docs/results", metadata={"help": "Where tables, curves and records go."})
     work_dir: str = field(default="outputs/reproduce", metadata={"help": "Generated data and trained adapters."})
     resume: bool = field(
@@ -91,6 +97,13 @@ class ReproduceArguments:
         default=160, metadata={"help": "Rephrased test facts in the transfer set (0: no transfer evaluation)."}
     )
     eval_batch_size: int = field(default=40, metadata={"help": "Problems per generation batch in the evaluation."})
+    eval_feedback: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={
+            "help": "Evaluate every arm once per correction_feedback given (none, verdict): none in the arm's folder, "
+            "others in its feedback_<mode>/ subfolder. More than none writes the feedback control's report."
+        },
+    )
 
 
 @dataclass
@@ -246,8 +259,14 @@ def run_arm(arm: str, setup: Setup, seed: int, path: str, tokenizer, data: dict)
         (out / "log_history.json").write_text(json.dumps(log_history, indent=1))
     trained = time.time()
     generator = TransformersGenerator(model, tokenizer, max_new_tokens=setup.script.eval_max_new_tokens)
-    summary = evaluate_into(out, generator, tokenizer, data[args.eval_split], numeric_reward, setup, arm)
-    finished = time.time()
+    eval_seconds, summaries = {}, {}
+    for mode in args.eval_feedback:  # none first: the arm's own folder, then feedback_<mode>/
+        started_eval = time.time()
+        folder = out if mode == "none" else out / f"feedback_{mode}"
+        summaries[mode] = evaluate_into(folder, generator, tokenizer, data[args.eval_split], numeric_reward, setup,
+                                        arm, mode)  # fmt: skip
+        eval_seconds[mode] = round(time.time() - started_eval, 1)
+    finished, summary = time.time(), summaries["none"]
     if "transfer" in data:
         evaluate_into(out / "transfer", generator, tokenizer, data["transfer"], numeric_reward, setup, arm)
     run = {
@@ -258,6 +277,7 @@ def run_arm(arm: str, setup: Setup, seed: int, path: str, tokenizer, data: dict)
         "eval_split": args.eval_split,
         "train_seconds": round(trained - started, 1),
         "eval_seconds": round(finished - trained, 1),
+        "eval_seconds_by_feedback": eval_seconds,
         "transfer_seconds": round(time.time() - finished, 1),
         "wall_seconds": round(time.time() - started, 1),
         "hardware": hardware(),
@@ -277,8 +297,10 @@ def settings_of(setup: Setup, arm: str, seed: int) -> dict:
             "model": asdict(setup.model)}  # fmt: skip
 
 
-def evaluate_into(out: Path, generator, tokenizer, dataset, reward, setup: Setup, label: str) -> dict:
-    """Greedy two-attempt evaluation with records.jsonl in `out`; a transfer folder also gets its summary.json."""
+def evaluate_into(out: Path, generator, tokenizer, dataset, reward, setup: Setup, label: str,
+                  feedback: str = "none") -> dict:  # fmt: skip
+    """Greedy two-attempt evaluation with records.jsonl in `out`, the correction turn carrying `feedback`; a transfer
+    or feedback folder also gets its summary.json (the arm's own is written last, as its done mark)."""
     from score_trl.evaluation import evaluate
 
     out.mkdir(parents=True, exist_ok=True)
@@ -290,17 +312,20 @@ def evaluate_into(out: Path, generator, tokenizer, dataset, reward, setup: Setup
         output_jsonl=out / "records.jsonl",
         batch_size=setup.args.eval_batch_size,
         progress=False,
+        correction_feedback=feedback,
     )
-    if out.name == "transfer":
+    if out.name == "transfer" or feedback != "none":
         (out / "summary.json").write_text(json.dumps({"label": label, **summary}, indent=2))
     return summary
 
 
 def main(setup: Setup) -> Path:
     args = setup.args
-    unknown = sorted(set(args.arms) - set(ARMS))
+    unknown = sorted(set(args.arms) - set(ARMS + FEEDBACK_ARMS))
     if unknown:
-        raise ValueError(f"Unknown arms {unknown}: choose from {list(ARMS)}.")
+        raise ValueError(f"Unknown arms {unknown}: choose from {list(ARMS + FEEDBACK_ARMS)}.")
+    if args.eval_feedback[:1] != ["none"] or not set(args.eval_feedback) <= {"none", "verdict"}:
+        raise ValueError(f"eval_feedback={args.eval_feedback}: start with none, then verdict (e.g. none verdict).")
     if args.eval_split not in ("validation", "test"):
         raise ValueError(f"eval_split={args.eval_split!r}: use validation or test.")
     if not args.seeds:
@@ -325,8 +350,15 @@ def main(setup: Setup) -> Path:
 
 
 def write_reports(output: Path, args: ReproduceArguments) -> None:
-    """results.md, curves.png and comparison.png from every finished evaluation in output (all seeds)."""
+    """results.md, curves.png and comparison.png from every finished evaluation in output (all seeds); for the
+    feedback control (eval_feedback beyond none), its own report (`experiments.feedback_control`)."""
     from score_trl.cli.report import plot
+
+    if args.eval_feedback != ["none"]:
+        from .feedback_control import write_report
+
+        write_report(output)
+        return
 
     from .curves import plot_curves
     from .pooled import results_markdown

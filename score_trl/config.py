@@ -67,8 +67,19 @@ class SCoReConfig(RLOOConfig):
             The self-correction instruction sent as the user turn between the two attempts, for every row. When
             `None`, each row's `correction_instruction` column is used (`score_trl.data` sets the task's wording),
             and rows without one get the paper's MATH instruction.
+        correction_feedback (`str` or callable, *optional*, defaults to `"none"`):
+            What the correction turn says about the attempt just made, placed before the instruction
+            (`score_trl.feedback`): `"none"` (the paper: the instruction alone), `"verdict"` (one bit from the
+            reward: "Your answer is incorrect." or "Your answer is correct."), `"tests"` (code: the sandbox's result
+            on the row's `visible_tests` only, never the hidden tests), or a function with the reward signature (or
+            its dotted path) that returns one string per row, None for none; it also receives `rewards`, the
+            attempt's rewards. Feedback tokens are attended to and never trained. Evaluate with the same feedback
+            (`score-eval --correction_feedback`).
+        feedback_max_tokens (`int`, *optional*, defaults to `256`):
+            Feedback longer than this many tokens is cut and counted (`feedback/truncated_after_turn{t}`).
         correct_threshold (`float`, *optional*, defaults to `0.5`):
-            An attempt counts as correct, for the self-correction metrics only, when its reward is at least this.
+            An attempt counts as correct, for the self-correction metrics and the verdict feedback, when its reward
+            is at least this.
         max_unscorable_steps (`int`, *optional*, defaults to `3`):
             Training stops with an error after this many consecutive generation batches in which every reward
             function returned None for every row and attempt. `0` never stops.
@@ -132,6 +143,19 @@ class SCoReConfig(RLOOConfig):
             "help": "User turn inserted between the first and second attempt, for every row. None: each row's "
             "`correction_instruction` column (set per task by score_trl.data), else the paper's MATH instruction."
         },
+    )
+    correction_feedback: str = field(
+        default="none",
+        metadata={
+            "help": "What the correction turn says about the attempt just made, before the instruction: none (the "
+            "paper), verdict (one bit from the reward: 'Your answer is incorrect.' / 'Your answer is correct.'), "
+            "tests (code: the sandbox's result on the row's visible_tests only), or a dotted path to a function with "
+            "the reward signature returning one string (or None) per row; in Python, the function itself."
+        },
+    )
+    feedback_max_tokens: int | None = field(
+        default=256,
+        metadata={"help": "Feedback longer than this many tokens is cut (and counted). None: no limit."},
     )
     disable_dropout: bool = field(
         default=True,
@@ -229,6 +253,7 @@ class SCoReConfig(RLOOConfig):
         if self.logprob_batch_size is not None and self.logprob_batch_size < 1:
             raise ValueError(f"logprob_batch_size={self.logprob_batch_size}: set a positive number of rows, or None.")
         self._check_generation_and_failure_settings()
+        self._check_feedback()
         if self.correction_instruction is not None and not self.correction_instruction.strip():
             raise ValueError(
                 "correction_instruction is empty; give the instruction that asks for a second attempt, or leave it "
@@ -260,6 +285,27 @@ class SCoReConfig(RLOOConfig):
                 f"preemption_signals={self.preemption_signals}: {unknown} are not signal names of this platform. Use "
                 "names such as SIGTERM and SIGUSR1, or [] to keep the default handlers."
             )
+
+    def _check_feedback(self):
+        from .feedback import FEEDBACK_MODES
+
+        # A function is kept aside and named in the field, so that the config stays serializable (to_dict, loggers)
+        if callable(self.correction_feedback):
+            self._feedback_function = self.correction_feedback
+            self.correction_feedback = f"{self.correction_feedback.__module__}.{self.correction_feedback.__qualname__}"
+        spec = self.correction_feedback
+        if spec not in FEEDBACK_MODES and ("." not in spec.strip(".:") and ":" not in spec):
+            raise ValueError(
+                f"correction_feedback={spec!r}: use one of {list(FEEDBACK_MODES)}, or a dotted path to a function "
+                "with the reward signature that returns one string (or None) per row, e.g. 'my_package.judges.judge'."
+            )
+        if self.feedback_max_tokens is not None and self.feedback_max_tokens < 1:
+            raise ValueError(f"feedback_max_tokens={self.feedback_max_tokens}: give a number of tokens >= 1, or None.")
+
+    @property
+    def feedback_function(self):
+        """`correction_feedback` as `feedback.resolve_feedback` takes it: the function given, or the setting."""
+        return getattr(self, "_feedback_function", None) or self.correction_feedback
 
     def _check_stage_switch(self):
         # Generation happens every `steps_per_generation * num_iterations` micro-steps and a whole generation batch is

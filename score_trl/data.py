@@ -11,6 +11,7 @@ from datasets import Dataset, load_dataset
 from jinja2 import TemplateError
 
 from .config import MATH_CORRECTION_INSTRUCTION
+from .feedback import doctest_asserts
 from .models import resolve_file
 
 
@@ -62,6 +63,13 @@ FORMATS = {
     "mbpp": (("text", "test_list"), ("test_setup_code", "task_id"), "code"),
     "humaneval": (("prompt", "test", "entry_point"), ("task_id",), "code"),
     "score": (("question", "correct_answer"), ("original_answer",), "short_answer"),
+}
+# The tests `correction_feedback="tests"` runs and reports on, per code format (the reward runs all of them): MBPP's
+# first test_list assert (its prompt lists test_list, as is standard; the feedback repeats no other test), HumanEval's
+# docstring examples, which its prompt shows (the hidden `check` tests are never run for feedback).
+VISIBLE_TESTS = {
+    "mbpp": lambda row: list(row["test_list"][:1]),
+    "humaneval": lambda row: doctest_asserts(row["prompt"], row.get("entry_point")),
 }
 _QUESTION = {"gsm8k": "question", "math": "problem", "mbpp": "text", "humaneval": "prompt", "score": "question"}
 
@@ -208,6 +216,8 @@ def to_score_rows(
         for column in (*required, *optional):
             if column in row and column != "prompt":
                 item[column] = row[column]
+        if format in VISIBLE_TESTS:  # what correction_feedback="tests" may show; the reward runs every test
+            item["visible_tests"] = VISIBLE_TESTS[format](row)
         if "original_answer" in row and first_attempt_fraction > 0:
             use = row["original_answer"] and rng.random() < first_attempt_fraction
             item["first_attempt"] = row["original_answer"] if use else None

@@ -1,7 +1,8 @@
 """Self-correction evaluation: the paper's Acc@t1, Acc@t2, Δ, Δi→c, Δc→i with confidence intervals, for K attempts.
 
 For each problem: y1, then the correction turn built from token ids exactly as in training (`generation.roll_out`,
-`score_trl.turns`), then y2 (and so on up to yK), all from a generator (`score_trl.generation`); every attempt is
+`feedback.CorrectionTurns`, `score_trl.turns`: with `correction_feedback`, the feedback on the attempt just made
+before the instruction), then y2 (and so on up to yK), all from a generator (`score_trl.generation`); every attempt is
 scored as training scores it (`score_trl.scoring`: the conversation it answered, the reward functions combined with
 their weights and clipping). "Answer changed" reads the answer the reward grades. Results are appended per problem to
 a JSONL file, so a killed run continues where it stopped.
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .config import CORRECT_THRESHOLD
-from .generation import Generator, generate_attempts
+from .feedback import CorrectionTurns, told_incorrect
+from .generation import Generator, prompt_ids, roll_out
 from .scoring import answered_conversations, graded_answer, score_texts
 from .stats import bootstrap_interval, edit_stats, self_correction_stats, wilson_interval
 from .turns import instruction_for
@@ -36,6 +38,8 @@ def evaluate(
     chat_template_kwargs: dict | None = None,
     reward_weights: list[float] | None = None,
     reward_clip_range: tuple[float, float] | None = None,
+    correction_feedback="none",
+    feedback_max_tokens: int | None = None,
 ) -> dict:
     """Evaluate self-correction on `dataset` (rows from `score_trl.data`); returns `summarize(records)`.
 
@@ -45,8 +49,12 @@ def evaluate(
     each problem's record is appended as soon as it is scored and problems already in the file are skipped, so an
     interrupted evaluation resumes without redoing work. `chat_template_kwargs`, `reward_weights` and
     `reward_clip_range` are the training config's (`SCoReConfig`), so that prompts render and rewards combine as in
-    training.
+    training. `correction_feedback` ("none", "verdict", "tests", a dotted path or a function) and
+    `feedback_max_tokens` build the correction turn as `SCoReConfig`'s fields of the same names do; each record then
+    holds the feedback after each attempt (`feedback_1`, ...).
     """
+    turns = CorrectionTurns(tokenizer, chat_template_kwargs, correction_feedback, feedback_max_tokens,
+                            threshold=threshold)  # fmt: skip
     rows = list(dataset)[:limit] if limit is not None else list(dataset)
     records = read_records(output_jsonl) if output_jsonl else []
     done = {(r["index"], r["sample"]) for r in records}
@@ -57,7 +65,7 @@ def evaluate(
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start : start + batch_size]
             new = _evaluate_batch(generator, tokenizer, rows, batch, reward_funcs, correction_instruction,
-                                  num_attempts, chat_template_kwargs, (reward_weights, reward_clip_range))  # fmt: skip
+                                  num_attempts, turns, (reward_weights, reward_clip_range))  # fmt: skip
             records += new
             if out is not None:
                 out.write("".join(json.dumps(record) + "\n" for record in new))
@@ -67,23 +75,33 @@ def evaluate(
     finally:
         if out is not None:
             out.close()
-    return summarize(records, threshold, graded_answer(reward_funcs))
+    return {"correction_feedback": turns.name} | summarize(records, threshold, graded_answer(reward_funcs))
 
 
-def _evaluate_batch(generator, tokenizer, rows, batch, reward_funcs, correction_instruction, num_attempts,
-                    chat_template_kwargs, combine):  # fmt: skip
-    """Records of one batch of (row index, sample) jobs: every attempt's text and reward."""
+def _evaluate_batch(generator, tokenizer, rows, batch, reward_funcs, correction_instruction, num_attempts, turns,
+                    combine):  # fmt: skip
+    """Records of one batch of (row index, sample) jobs: every attempt's text and reward, and the feedback after it.
+    Each attempt is scored before the next is generated, since its correction turn may carry feedback on it."""
     batch_rows = [rows[i] for i, _ in batch]
     prompts = [row["prompt"] for row in batch_rows]
     instructions = [instruction_for(row, correction_instruction) for row in batch_rows]
-    attempts = generate_attempts(generator, tokenizer, prompts, instructions, chat_template_kwargs, num_attempts)
-    texts = [tokenizer.batch_decode(ids, skip_special_tokens=True) for ids in attempts]
-    rewards = [
-        score_texts(
-            reward_funcs, answered_conversations(prompts, texts, instructions, t), texts[t], batch_rows, *combine
-        )  # fmt: skip
-        for t in range(num_attempts)
-    ]
+    texts, rewards, corrections, feedback = [], [], [], []
+
+    def generate(t, context_ids):
+        attempt = generator(context_ids)
+        texts.append(tokenizer.batch_decode(attempt, skip_special_tokens=True))
+        conversations = answered_conversations(prompts, texts, corrections, t)
+        rewards.append(score_texts(reward_funcs, conversations, texts[t], batch_rows, *combine))
+        return attempt
+
+    def bridges_after(t, attempt):
+        conversations = answered_conversations(prompts, texts, corrections, t)
+        text, bridges, said, _ = turns.after(batch_rows, instructions, conversations, texts[t], attempt, rewards[t])
+        corrections.append(text)
+        feedback.append(said)
+        return bridges
+
+    roll_out(generate, prompt_ids(tokenizer, prompts, turns.kwargs), bridges_after, num_attempts)
     return [
         {
             "index": index,
@@ -92,6 +110,7 @@ def _evaluate_batch(generator, tokenizer, rows, batch, reward_funcs, correction_
             "question": prompts[k][-1]["content"],
             **{f"attempt_{t + 1}": texts[t][k] for t in range(num_attempts)},
             **{f"reward_{t + 1}": rewards[t][k] for t in range(num_attempts)},
+            **({f"feedback_{t + 1}": feedback[t][k] for t in range(num_attempts - 1)} if turns.func else {}),
         }
         for k, (index, sample) in enumerate(batch)
     ]
@@ -134,6 +153,10 @@ def summarize(records: list[dict], threshold: float = CORRECT_THRESHOLD, answer_
     for t in range(k):
         summary[f"accuracy_t{t + 1}_ci"] = wilson_interval(int(correct[:, t].sum()), n)
     summary["delta_ci"] = bootstrap_interval((correct[:, -1] - correct[:, 0]).tolist())
+    for t in range(1, k):
+        if any(f"feedback_{t}" in r for r in scored):  # the share of rows whose correction turn said "incorrect"
+            told = [told_incorrect(r.get(f"feedback_{t}"), r[f"reward_{t}"], threshold) for r in scored]
+            summary[f"told_incorrect_t{t}"] = sum(told) / n if n else 0.0
     previous, last = [r[f"attempt_{k - 1}"] for r in scored], [r[f"attempt_{k}"] for r in scored]
     return summary | edit_stats(previous, last, answer_of)
 

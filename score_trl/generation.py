@@ -102,15 +102,18 @@ class VLLMGenerator:
         return [list(output.outputs[0].token_ids) for output in outputs]
 
 
-def roll_out(generate, context_ids: list[list[int]], bridges: list, num_attempts: int):
+def roll_out(generate, context_ids: list[list[int]], bridges, num_attempts: int):
     """The attempt loop, one for training and evaluation: attempt t is `generate(t, context_ids)`; the next context is
-    the previous one, the attempt and its correction turn, token for token (`turns.next_attempt_prompts`). Returns
-    (attempts[t][i], appended[t][i]: the correction-turn ids after attempt t)."""
+    the previous one, the attempt and its correction turn, token for token (`turns.next_attempt_prompts`). `bridges`
+    is each row's `TurnBridge`, or `bridges(t, attempt_ids)` giving them after attempt t (when the turn carries
+    feedback on that attempt, `feedback.CorrectionTurns`). Returns (attempts[t][i], appended[t][i]: the
+    correction-turn ids after attempt t)."""
     attempts, appended = [], []
     for t in range(num_attempts):
         attempts.append(generate(t, context_ids))
         if t + 1 < num_attempts:
-            added, context_ids = next_attempt_prompts(context_ids, attempts[-1], bridges)
+            after = bridges(t, attempts[-1]) if callable(bridges) else bridges
+            added, context_ids = next_attempt_prompts(context_ids, attempts[-1], after)
             appended.append(added)
     return attempts, appended
 
@@ -123,17 +126,20 @@ def generate_attempts(
     chat_template_kwargs: dict | None = None,
     num_attempts: int = 2,
 ) -> list[list[list[int]]]:
-    """`num_attempts` attempts (token ids) for a batch of conversational prompts, rendered with the template and
-    `chat_template_kwargs` as RLOOTrainer renders them; each later attempt's prompt is built from the previous
-    attempts' ids exactly as in training (`roll_out`). Returns `attempts[t][i]`."""
+    """`num_attempts` attempts (token ids) for a batch of conversational prompts with the instruction alone in each
+    correction turn (no feedback; `evaluation.evaluate` handles feedback). Returns `attempts[t][i]`."""
     kwargs = chat_template_kwargs or {}
-    context = tokenizer.apply_chat_template(
-        prompts, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs
-    )["input_ids"]
     bridges = {text: find_turn_bridge(tokenizer, text, kwargs) for text in set(instructions)}
-    attempts, _ = roll_out(lambda t, ids: generator(ids), context, [bridges[text] for text in instructions],
-                           num_attempts)  # fmt: skip
+    attempts, _ = roll_out(lambda t, ids: generator(ids), prompt_ids(tokenizer, prompts, kwargs),
+                           [bridges[text] for text in instructions], num_attempts)  # fmt: skip
     return attempts
+
+
+def prompt_ids(tokenizer, prompts: list[list[dict]], chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """Conversational prompts rendered with the template and its generation prompt, as RLOOTrainer renders them."""
+    return tokenizer.apply_chat_template(
+        prompts, add_generation_prompt=True, tokenize=True, return_dict=True, **(chat_template_kwargs or {})
+    )["input_ids"]
 
 
 # The trainer's side of the attempt loop: how SCoReTrainer generates attempts on RLOO's backends

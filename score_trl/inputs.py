@@ -120,8 +120,10 @@ def check_tokenizer(processing_class):
 
 def check_inputs(model, args, train_dataset, eval_dataset, processing_class):
     """The checks SCoReTrainer runs before it loads anything, but the reward functions' (`reward_checks`): the launch,
-    the model path, the datasets, the tokenizer and its rendering of the first prompt, the correction turn. Returns
+    the model path, the datasets, the tokenizer and its rendering of the first prompt, the correction turn and its
+    feedback (`feedback.check_feedback_inputs`). Returns
     (tokenizer, the first training rows, {default instruction: its turn bridge})."""
+    from .feedback import check_feedback_inputs
     from .models import check_model_path
     from .turns import find_turn_bridge, instruction_for
 
@@ -136,4 +138,6 @@ def check_inputs(model, args, train_dataset, eval_dataset, processing_class):
     bridge = find_turn_bridge(processing_class, default_instruction, args.chat_template_kwargs or {})
     if first:
         check_renders(processing_class, first[0]["prompt"], args.chat_template_kwargs or {})
+    check_feedback_inputs(args.feedback_function, first, processing_class, args.remove_unused_columns,
+                          args.reward_timeout)  # fmt: skip
     return processing_class, first, {default_instruction: bridge}

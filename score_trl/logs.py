@@ -12,6 +12,7 @@ from transformers import is_trackio_available, is_wandb_available
 from transformers.utils import is_rich_available
 from trl.trainer.utils import nanstd, print_prompt_completions_sample
 
+from .feedback import told_incorrect
 from .metrics import clip_stats, length_stats, reward_stats
 from .scoring import answered_conversations, as_completion
 from .stats import change_flags, self_correction_stats
@@ -69,6 +70,21 @@ def log_rollout(trainer, mode, rewards, targets, texts, num_generations):
     metrics["self_correction/answer_changed"].append(changed[:, 1].mean().item())
 
 
+def log_feedback(trainer, mode: str, attempt: int, feedback: list, rewards: list, cut: int):
+    """With `correction_feedback`: the share of rows (all processes) whose correction turn after `attempt` told the
+    model its attempt was wrong (`feedback.told_incorrect`), also as `self_correction/told_incorrect` for the turn
+    before the last attempt (beside i→c and c→i), and how many feedback texts were cut to `feedback_max_tokens`."""
+    threshold = trainer.args.correct_threshold
+    told = sum(told_incorrect(f, r, threshold) for f, r in zip(feedback, rewards, strict=True))
+    local = torch.tensor([told, len(feedback), cut], dtype=torch.float32, device=trainer.accelerator.device)
+    told, rows, cut = trainer.accelerator.gather(local).view(-1, 3).sum(dim=0).tolist()
+    metrics = trainer._metrics[mode]
+    metrics[f"feedback/told_incorrect_after_turn{attempt}"].append(told / max(rows, 1))
+    metrics[f"feedback/truncated_after_turn{attempt}"].append(cut)
+    if attempt == trainer.num_attempts - 1:
+        metrics["self_correction/told_incorrect"].append(told / max(rows, 1))
+
+
 def flush_reward_logs(trainer, mode: str, num_rows: int):
     """What reward functions logged through `log_extra`/`log_metric` (renamed per attempt), gathered across processes.
 
@@ -89,10 +105,11 @@ def flush_reward_logs(trainer, mode: str, num_rows: int):
     trainer._pending_metrics.clear()
 
 
-def log_table_rows(trainer, prompts, texts, instructions, rewards, advantages):
+def log_table_rows(trainer, prompts, texts, corrections, rewards, advantages):
     """RLOO's record (`_logs`, read by its table and by callbacks): the prompt, the whole self-correction conversation
-    after it as the completion, and the final attempt's advantage; and SCoRe's table rows, one column per attempt."""
-    after_prompt = answered_conversations([[] for _ in prompts], texts, instructions, trainer.num_attempts - 1)
+    after it as the completion, and the final attempt's advantage; and SCoRe's table rows, one column per attempt.
+    `corrections[t][i]`: row i's correction turn after attempt t."""
+    after_prompt = answered_conversations([[] for _ in prompts], texts, corrections, trainer.num_attempts - 1)
     conversations = [[*turns, *as_completion(last)] for turns, last in zip(after_prompt, texts[-1], strict=True)]
     trainer._logs["prompt"].extend(gather_object(prompts))
     trainer._logs["completion"].extend(gather_object(conversations))

@@ -12,13 +12,14 @@ def as_completion(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def answered_conversations(prompts: list, texts: list[list[str]], instructions: list[str], t: int) -> list:
-    """The conversation attempt `t` (0-based) answered: x, then y1 and the correction turn, ... up to attempt t."""
+def answered_conversations(prompts: list, texts: list[list[str]], corrections: list[list[str]], t: int) -> list:
+    """The conversation attempt `t` (0-based) answered: x, then y1 and the correction turn after it, ... up to attempt
+    t. `corrections[s][i]` is row i's correction turn after attempt s (its feedback and instruction)."""
     conversations = prompts
     for s in range(t):
         conversations = [
-            [*c, *as_completion(text), {"role": "user", "content": instruction}]
-            for c, text, instruction in zip(conversations, texts[s], instructions, strict=True)
+            [*c, *as_completion(text), {"role": "user", "content": correction}]
+            for c, text, correction in zip(conversations, texts[s], corrections[s], strict=True)
         ]
     return conversations
 

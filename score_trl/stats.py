@@ -134,3 +134,66 @@ def two_level_bootstrap(per_seed: list[list[float]], draws: int = 2000, seed: in
         "seeds": len(values),
         "problems": int(sum(len(v) for v in values)),
     }
+
+
+def mcnemar_exact(incorrect_to_correct: int, correct_to_incorrect: int) -> float:
+    """Two-sided exact McNemar test of one paired evaluation: under no effect each discordant problem flips either
+    way with probability 1/2, so p = min(1, 2·P(X ≤ min(b, c))) with X ~ Binomial(b + c, 1/2)."""
+    b, c = incorrect_to_correct, correct_to_incorrect
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def student_t_quantile(probability: float, df: int) -> float:
+    """The `probability` quantile of Student's t with `df` degrees of freedom (no SciPy needed): bisection on the CDF,
+    which is 1/2 plus Simpson's rule on the density from 0."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def density(x):
+        return math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df))
+
+    def cdf(x, steps=4000):
+        h = x / steps
+        inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, steps))
+        return 0.5 + h / 3 * (density(0.0) + inner + density(x))
+
+    if probability == 0.5:
+        return 0.0
+    if probability < 0.5:
+        return -student_t_quantile(1 - probability, df)
+    low, high = 0.0, 1.0
+    while cdf(high) < probability:
+        low, high = high, high * 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < probability else (low, mid)
+    return (low + high) / 2
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean of per-seed values with its t-interval over seeds (n − 1 degrees of freedom): the between-seed
+    variance is estimated from the seeds themselves, which is all a handful of seeds can support. Returns {"mean",
+    "low", "high", "n"}; the interval is NaN with fewer than two values."""
+    n = len(values)
+    mean = sum(values) / n if n else math.nan
+    if n < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = student_t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def stratified_bootstrap(per_seed: list[list[float]], draws: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean over seeds of the per-seed mean of per-problem values, with a 95% bootstrap interval that resamples the
+    problems within each seed and keeps the seeds as they are: conditioned on the trained models, it says how
+    precisely they were measured on this split, not what another training seed would give (`t_interval` does)."""
+    import numpy as np
+
+    values = [np.asarray(v, dtype=np.float64) for v in per_seed]
+    rng = np.random.default_rng(seed)
+    means = np.array([np.mean([v[rng.integers(len(v), size=len(v))].mean() for v in values]) for _ in range(draws)])
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {"mean": float(np.mean([v.mean() for v in values])), "low": float(low), "high": float(high)}

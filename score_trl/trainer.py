@@ -1,3 +1,4 @@
+import math
 import textwrap
 from collections import defaultdict, deque
 from contextlib import nullcontext
@@ -14,12 +15,14 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 
 from .checkpoints import last_complete_checkpoint
 from .config import SCoReConfig
+from .feedback import CorrectionTurns
 from .generation import first_attempts, one_generation_per_row, roll_out
 from .inputs import TRAINER_COLUMNS, check_inputs
 from .logprobs import per_token_logps
 from .logs import (
     flush_reward_logs,
     log_attempt_lengths,
+    log_feedback,
     log_loss_terms,
     log_reward_functions,
     log_rollout,
@@ -40,7 +43,7 @@ from .objective import (
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 from .reward_checks import check_scorable, checked_reward_funcs, reward_errors_named
 from .scoring import answered_conversations, as_completion, combine_rewards, graded_answer
-from .turns import find_turn_bridge, instruction_for, training_layout, turn_masks
+from .turns import instruction_for, training_layout, turn_masks
 
 
 class SCoReTrainer(RLOOTrainer):
@@ -169,7 +172,12 @@ class SCoReTrainer(RLOOTrainer):
             check_merged_generation(self)
         self._merged = None
         self._graded_answer = graded_answer(self.reward_funcs)  # "answer changed" reads what the reward grades
-        self._bridges = bridges
+        # The correction turn after each attempt: feedback on it (correction_feedback) and the instruction, as ids
+        self._turns = CorrectionTurns(
+            processing_class, args.chat_template_kwargs, args.feedback_function, args.feedback_max_tokens,
+            args.reward_timeout, args.correct_threshold,
+        )  # fmt: skip
+        self._turns._bridges.update(bridges)
         self._unscorable_streak = 0
         # Rows of the completions table, sized like RLOO's to the latest generation batch
         self._attempt_logs = defaultdict(lambda: deque(maxlen=args.generation_batch_size))
@@ -213,13 +221,6 @@ class SCoReTrainer(RLOOTrainer):
         """1 (Stage I) or 2 (Stage II), from the optimizer step."""
         return stage_at(self.state.global_step, self.args.stage_one_steps)
 
-    def _bridge_for(self, instruction: str):
-        if instruction not in self._bridges:
-            self._bridges[instruction] = find_turn_bridge(
-                self.processing_class, instruction, self.args.chat_template_kwargs or {}
-            )
-        return self._bridges[instruction]
-
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
         # generation_weights="merged": RLOO's padded path, on a merged copy of the policy synced to this step
         if self.args.generation_weights == "policy":
@@ -236,13 +237,10 @@ class SCoReTrainer(RLOOTrainer):
         instructions = [instruction_for(x, self.args.correction_instruction) for x in inputs]
         # Rows with a `first_attempt` (an off-policy y1, e.g. the seed format's original answer) skip sampling it
         given = [x.get("first_attempt") or None for x in inputs]
-        prompt_ids, attempts, appended, texts = self._rollout(prompts, instructions, given, mode)
-
         # Rewards per attempt, gathered across processes: (N_global, num_attempts)
-        scored = [
-            self._attempt_rewards(inputs, prompts, texts, attempts, instructions, t, mode) for t in range(len(texts))
-        ]
-        rewards = torch.stack(scored, dim=1)
+        prompt_ids, attempts, appended, texts, rewards, corrections = self._rollout(
+            inputs, prompts, instructions, given, mode
+        )
         if mode == "train":
             self._unscorable_streak = check_scorable(self, rewards, self._unscorable_streak)
 
@@ -262,7 +260,7 @@ class SCoReTrainer(RLOOTrainer):
 
         log_rollout(self, mode, rewards, targets, texts, num_generations)
         flush_reward_logs(self, mode, len(inputs))
-        log_table_rows(self, prompts, texts, instructions, rewards, all_advantages)
+        log_table_rows(self, prompts, texts, corrections, rewards, all_advantages)
         return {
             **layout,
             "old_logps": old_logps,
@@ -271,12 +269,14 @@ class SCoReTrainer(RLOOTrainer):
             "kl_coef": torch.tensor(kl_coef, device=self.accelerator.device).expand(len(inputs), -1).contiguous(),
         }
 
-    def _rollout(self, prompts, instructions, given, mode):
-        """The attempt loop (`generation.roll_out`, as evaluation runs it), each attempt on RLOO's generation backends
-        and the correction turn appended as token ids. Returns (prompt ids, attempts[t] ids, appended[t]
-        correction-turn ids, texts[t])."""
-        bridges = [self._bridge_for(text) for text in instructions]
+    def _rollout(self, inputs, prompts, instructions, given, mode):
+        """The attempt loop (`generation.roll_out`, as evaluation runs it): each attempt generated on RLOO's backends
+        and scored before the next, whose correction turn (feedback on it, then the instruction) is appended as token
+        ids. Returns (prompt ids, attempts[t] ids, appended[t] correction-turn ids, texts[t], gathered rewards
+        (N_global, num_attempts), corrections[t] texts)."""
         prompt_ids, _, _ = self._tokenize_prompts(prompts)
+        texts, scored, corrections = [], [], []
+        local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
 
         def generate(t, context_ids):
             if t == 0 and any(given):
@@ -285,11 +285,23 @@ class SCoReTrainer(RLOOTrainer):
                 with one_generation_per_row(self) if t > 0 else nullcontext():
                     completion_ids = self._generate_single_turn(context_ids, None, {})
             log_attempt_lengths(self, t + 1, completion_ids, mode)
+            texts.append(self.processing_class.batch_decode(completion_ids, skip_special_tokens=True))
+            scored.append(self._attempt_rewards(inputs, prompts, texts, completion_ids, corrections, t, mode))
             return completion_ids
 
-        attempts, appended = roll_out(generate, prompt_ids, bridges, self.num_attempts)
-        texts = [self.processing_class.batch_decode(ids, skip_special_tokens=True) for ids in attempts]
-        return prompt_ids, attempts, appended, texts
+        def bridges_after(t, completion_ids):
+            rewards = [None if math.isnan(r) else r for r in scored[t][local].tolist()]
+            conversations = answered_conversations(prompts, texts, corrections, t)
+            where = f" on attempt {t + 1} at step {self.state.global_step}"
+            text, bridges, feedback, cut = self._turns.after(inputs, instructions, conversations, texts[t],
+                                                             completion_ids, rewards, where)  # fmt: skip
+            corrections.append(text)
+            if self._turns.func is not None:
+                log_feedback(self, mode, t + 1, feedback, rewards, cut)
+            return bridges
+
+        attempts, appended = roll_out(generate, prompt_ids, bridges_after, self.num_attempts)
+        return prompt_ids, attempts, appended, texts, torch.stack(scored, dim=1), corrections
 
     def _no_grad_logps(self, layout, mode):
         """(per-turn sampling log-probs, or None on-policy; per-token reference log-probs, or None when beta is 0)
@@ -346,13 +358,13 @@ class SCoReTrainer(RLOOTrainer):
         with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
             return self._turn_logps(self.model, input_ids, attention_mask, scored, chunk_size)[0]
 
-    def _attempt_rewards(self, inputs, prompts, texts, attempts, instructions, t, mode) -> torch.Tensor:
+    def _attempt_rewards(self, inputs, prompts, texts, completion_ids, corrections, t, mode) -> torch.Tensor:
         """Score attempt t with RLOO's reward machinery, combined as RLOO combines (`scoring.combine_rewards`);
         returns gathered (N_global,) rewards, NaN when unscorable."""
-        conversations = answered_conversations(prompts, texts, instructions, t)
+        conversations = answered_conversations(prompts, texts, corrections, t)
         completions = [as_completion(text) for text in texts[t]]
         with reward_logs_of_attempt(self, t + 1), reward_errors_named(self, inputs, texts[t], t + 1):
-            per_func = self._calculate_rewards(inputs, conversations, completions, attempts[t])
+            per_func = self._calculate_rewards(inputs, conversations, completions, completion_ids)
         log_reward_functions(self, mode, t + 1, per_func)
         return combine_rewards(per_func, self.reward_weights, self.reward_clip_range)
 

@@ -241,3 +241,55 @@ def test_continuation_arms_start_from_the_rloo_adapter_merged(tiny_model_dir, to
         elif name in merged:
             assert torch.equal(merged[name].float(), weight.float()), name
     assert checked >= 1
+
+
+def test_feedback_recipe_differs_from_the_reproductions_only_in_arms_evaluation_and_folders():
+    from dataclasses import asdict
+
+    from experiments.reproduce import parse_args
+
+    def flat(setup):
+        training = {k: v for k, v in setup.training.to_dict().items() if k not in ("logging_dir",)}
+        return asdict(setup.args) | asdict(setup.script) | training | asdict(setup.model)
+
+    smollm2 = flat(parse_args([str(RECIPES_DIR / "smollm2_cpu.yaml")]))
+    control = flat(parse_args([str(RECIPES_DIR / "smollm2_feedback.yaml")]))
+    differing = {key for key in smollm2 if smollm2[key] != control[key]}
+    assert differing == {"arms", "eval_feedback", "n_transfer", "results_dir", "work_dir"}, differing
+    assert control["arms"] == ["base", "score_verdict", "rloo"] and control["eval_feedback"] == ["none", "verdict"]
+
+
+def test_feedback_control_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
+    """Each arm evaluated without and with the verdict; score_verdict trains with it; the report reads the records."""
+    from experiments.feedback_control import load
+    from experiments.reproduce import main, parse_args
+
+    argv = [
+        str(RECIPES_DIR / "smollm2_feedback.yaml"),
+        "--model_name_or_path", tiny_model_dir, "--results_dir", str(tmp_path / "out"),
+        "--work_dir", str(tmp_path / "work"), "--max_steps", "2", "--stage_one_steps", "1",
+        "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
+        "--eval_max_new_tokens", "4", "--n_test", "12", "--n_validation", "6", "--eval_batch_size", "8",
+        "--seeds", "0",
+    ]  # fmt: skip
+    setup = parse_args(argv)
+    setup.script.gguf_file = None
+    output = main(setup)
+    for arm in ("base", "seed0/score_verdict", "seed0/rloo"):
+        plain = [json.loads(line) for line in (output / arm / "records.jsonl").read_text().splitlines()]
+        told = [
+            json.loads(line) for line in (output / arm / "feedback_verdict" / "records.jsonl").read_text().splitlines()
+        ]
+        assert len(plain) == len(told) == 12 and "feedback_1" not in plain[0]
+        assert [r["attempt_1"] for r in plain] == [r["attempt_1"] for r in told]  # same model, same greedy y1
+        assert all(r["feedback_1"] in ("Your answer is correct.", "Your answer is incorrect.") for r in told)
+        summary = json.loads((output / arm / "feedback_verdict" / "summary.json").read_text())
+        assert summary["correction_feedback"] == "verdict" and summary["n"] == 12
+        run = json.loads((output / arm / "run.json").read_text())
+        assert set(run["eval_seconds_by_feedback"]) == {"none", "verdict"}
+    history = json.loads((output / "seed0" / "score_verdict" / "log_history.json").read_text())
+    assert all("self_correction/told_incorrect" in h for h in history if "loss" in h)
+    found = load(output)
+    assert found[("score_verdict", 0, "cost")]["prompts"] == 2 * 4 // 2  # 2 steps x 4 rows / 2 generations
+    table = (output / "results.md").read_text()
+    assert "| 0 | score_verdict | verdict |" in table and "## Targets, per seed" in table and "t over seeds" in table

@@ -170,7 +170,7 @@ def test_trainer_uses_given_first_attempts_and_row_instructions(tmp_path, tiny_m
         ids = batch["completion_ids"][i][batch["completion_mask"][i].bool()].tolist()
         turns = batch["turn_ids"][i][batch["completion_mask"][i].bool()].tolist()
         instruction = rows[i]["correction_instruction"]
-        bridge = trainer._bridge_for(instruction)
+        bridge = trainer._turns.bridge(instruction)
         if i < 2:  # the given y1 sits in the context, untrained, followed by the seed task's own instruction
             assert ids[: len(given_ids)] == given_ids and 1 not in turns
             assert ids[len(given_ids) : len(given_ids) + len(bridge.after(given_ids))] == bridge.after(given_ids)

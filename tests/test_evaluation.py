@@ -143,7 +143,7 @@ def test_end_to_end_tiny_model_on_gsm8k_rows(tmp_path, tiny_model_dir):
     assert summary["label"] == "tiny" and summary["n"] == len(GSM8K_ROWS)
     # "answer changed" reads what the task's reward grades (here the anchored answer, math's)
     graded = summarize(records, answer_of=graded_answer([math_answer_reward]))
-    assert summary == {"label": "tiny", **json.loads(json.dumps(graded))}
+    assert summary == {"label": "tiny", "correction_feedback": "none", **json.loads(json.dumps(graded))}
     assert "| Accuracy@t1 |" in (tmp_path / "run" / "table.md").read_text()
     assert is_png(tmp_path / "run" / "plot.png")
 

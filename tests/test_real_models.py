@@ -89,7 +89,7 @@ def test_stage_one_and_two_with_lora_then_reload(tmp_path, name):
     # The last rollout: the turn-2 context is x + y1 (unchanged) + the correction turn ending in the generation prompt
     batch = trainer._buffered_inputs[0]
     generation_prompt = tokenizer.encode(MODELS[name][3], add_special_tokens=False)
-    bridge = trainer._bridge_for(dataset[0]["correction_instruction"])
+    bridge = trainer._turns.bridge(dataset[0]["correction_instruction"])
     for ids, mask, turns in zip(batch["completion_ids"], batch["completion_mask"], batch["turn_ids"], strict=True):
         ids, turns = ids[mask.bool()].tolist(), turns[mask.bool()].tolist()
         y1 = ids[: turns.count(1)]

@@ -40,10 +40,11 @@ def test_score_texts_combines_as_training_and_keeps_none():
 def test_answered_conversations_holds_every_earlier_turn():
     prompts = [[{"role": "user", "content": "x"}]]
     texts = [["y1"], ["y2"], ["y3"]]
-    assert answered_conversations(prompts, texts, ["fix"], 0) == prompts
-    assert answered_conversations(prompts, texts, ["fix"], 2) == [
+    corrections = [["fix"], ["Wrong.\n\nfix"]]  # each attempt's own correction turn (its feedback differs)
+    assert answered_conversations(prompts, texts, corrections, 0) == prompts
+    assert answered_conversations(prompts, texts, corrections, 2) == [
         [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y1"}, {"role": "user", "content": "fix"},
-         {"role": "assistant", "content": "y2"}, {"role": "user", "content": "fix"}]
+         {"role": "assistant", "content": "y2"}, {"role": "user", "content": "Wrong.\n\nfix"}]
     ]  # fmt: skip
 
 
@@ -86,7 +87,7 @@ def test_evaluation_reports_the_trainers_combined_reward(tmp_path, tiny_model_di
     instructions = [instruction_for(row, trainer.args.correction_instruction) for row in inputs]
     texts = [[r["attempt_1"] for r in records], [r["attempt_2"] for r in records]]
     for t in range(2):
-        conversations = answered_conversations(prompts, texts, instructions, t)
+        conversations = answered_conversations(prompts, texts, [instructions], t)
         completions = [[{"role": "assistant", "content": text}] for text in texts[t]]
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts[t]]
         per_func = trainer._calculate_rewards(inputs, conversations, completions, ids)

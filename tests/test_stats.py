@@ -10,7 +10,11 @@ from score_trl.stats import (
     change_flags,
     edit_distance,
     edit_stats,
+    mcnemar_exact,
     self_correction_stats,
+    stratified_bootstrap,
+    student_t_quantile,
+    t_interval,
     transition_key,
     transition_pairs,
     wilson_interval,
@@ -92,3 +96,32 @@ def test_intervals_and_edit_distance():
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
     assert bootstrap_interval([1.0] * 20) == (1.0, 1.0)
     assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3
+
+
+def test_exact_mcnemar_by_hand():
+    # 15 flips to correct against 7 to incorrect (seed 1's SCoRe in the first round): 2 * P(X <= 7), X ~ Bin(22, 1/2)
+    tail = sum(math.comb(22, i) for i in range(8)) / 2**22
+    assert mcnemar_exact(15, 7) == pytest.approx(2 * tail) == pytest.approx(0.1338, abs=1e-4)
+    assert mcnemar_exact(7, 15) == mcnemar_exact(15, 7)  # two-sided
+    assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # the smallest p five one-way flips can give
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+
+
+def test_t_quantiles_and_the_interval_over_three_seeds():
+    # Student's t table: 12.706 (1 df), 4.303 (2 df), 2.228 (10 df), 1.960 in the limit
+    assert student_t_quantile(0.975, 1) == pytest.approx(12.7062, abs=1e-3)
+    assert student_t_quantile(0.975, 2) == pytest.approx(4.3027, abs=1e-3)
+    assert student_t_quantile(0.975, 10) == pytest.approx(2.2281, abs=1e-3)
+    assert student_t_quantile(0.025, 2) == pytest.approx(-4.3027, abs=1e-3)
+    # The first round's Δ(score) per seed: 0.0, +2.5, 0.0 -> mean 0.833, sd 1.443, half-width 4.303 * 1.443 / sqrt(3)
+    result = t_interval([0.0, 2.5, 0.0])
+    assert result["mean"] == pytest.approx(5 / 6)
+    assert (result["low"], result["high"]) == pytest.approx((5 / 6 - 3.5855, 5 / 6 + 3.5855), abs=1e-3)
+    assert math.isnan(t_interval([1.0])["low"])
+
+
+def test_stratified_bootstrap_keeps_the_seeds_and_resamples_problems():
+    same = stratified_bootstrap([[1.0] * 10, [0.0] * 10])
+    assert same == {"mean": 0.5, "low": 0.5, "high": 0.5}  # no problem-level variance: the seeds are held fixed
+    spread = stratified_bootstrap([[0.0, 1.0] * 50])
+    assert spread["low"] < 0.5 < spread["high"] and spread["high"] - spread["low"] == pytest.approx(0.2, abs=0.03)

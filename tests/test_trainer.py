@@ -36,7 +36,7 @@ def test_rollout_layout_keeps_sampled_first_attempt(tmp_path, tiny_model_dir, to
     trainer.model.train()
     inputs = grouped_inputs(trainer)
     batch = trainer._generate_and_score_completions(inputs)
-    bridge = trainer._bridge_for(instruction_for({}))
+    bridge = trainer._turns.bridge(instruction_for({}))
     generation_prompt = tokenizer.encode("<start_of_turn>model\n", add_special_tokens=False)
     for ids, mask, turns in zip(batch["completion_ids"], batch["completion_mask"], batch["turn_ids"], strict=True):
         ids, turns = ids[mask.bool()].tolist(), turns[mask.bool()].tolist()
@@ -78,7 +78,7 @@ def test_turn_two_logps_match_generation_logits(tmp_path, tiny_model_dir, tokeni
     y1 = trainer._generate_single_turn(prompt_ids, None, {})
     if backend == "merged":  # y1 came from the merged copy; y2 is sampled from it below
         sampler = trainer._merged.model
-    bridges = [trainer._bridge_for(instruction_for({}))] * len(prompts)
+    bridges = [trainer._turns.bridge(instruction_for({}))] * len(prompts)
     appended, turn_two_prompts = next_attempt_prompts(prompt_ids, y1, bridges)
     assert len({len(p) for p in turn_two_prompts}) > 1, "the test needs left padding"
 

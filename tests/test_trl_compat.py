@@ -167,7 +167,7 @@ def test_every_trl_internal_we_rely_on_exists_as_documented(tmp_path, tiny_model
     # And the list is complete: every private RLOO member the trainer touches is on it
     source = inspect.getsource(score_trainer_module)
     used = set(re.findall(r"self\.(_[a-z]\w*)", source))
-    own = {name for name in used if name in vars(SCoReTrainer) or name in ("_bridges", "_unscorable_streak",
+    own = {name for name in used if name in vars(SCoReTrainer) or name in ("_turns", "_unscorable_streak",
            "_attempt_logs", "_preemption")}  # fmt: skip
     inherited = {name for name in used - own if hasattr(rloo, name)}
     assert inherited - {name for name, _ in methods} - set(attributes) == set()

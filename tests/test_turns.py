@@ -8,6 +8,7 @@ import pytest
 import trl
 
 from score_trl import MATH_CORRECTION_INSTRUCTION
+from score_trl.feedback import VERDICT_INCORRECT, correction_text
 from score_trl.turns import TurnBridge, find_turn_bridge, next_attempt_prompts, pack_attempts, turn_masks
 
 from conftest import build_tokenizer
@@ -171,6 +172,7 @@ VISION = ("vl", "idefics", "llava", "smolvlm")
 # Turn markers in the renderings: <|im_start|>, <｜User｜>, <start_of_turn>, <|turn>, <turn|>, </think>, [gMASK], ...
 SPECIAL = re.compile(r"<\|[^<>\s|]+\|>|<｜[^<>]+?｜>|<\|?[A-Za-z_]+\|?>|</[a-z]+>|\[gMASK\]")
 INSTRUCTION = "There might be an error in the answer above. Correct it."
+TESTS_FAILURE = "Your code failed this test:\nassert add(2, 3) == 5"  # multi-line, with symbols templates might escape
 ANSWER = "The answer is 5."
 QUESTION = {"role": "user", "content": "What is 2 + 3?"}
 
@@ -205,13 +207,16 @@ def cases():
 
 @pytest.mark.parametrize("path, kwargs", list(cases()))
 @pytest.mark.parametrize("ending", ["stop", "truncated"])
-def test_correction_turn_follows_the_template(path, kwargs, ending):
+@pytest.mark.parametrize("feedback", [None, VERDICT_INCORRECT, TESTS_FAILURE], ids=["none", "verdict", "tests"])
+def test_correction_turn_follows_the_template(path, kwargs, ending, feedback):
+    # With feedback the turn's content is the feedback, a blank line and the instruction (`feedback.correction_text`)
     tokenizer = template_tokenizer(path, kwargs)
-    bridge = find_turn_bridge(tokenizer, INSTRUCTION, kwargs)
+    content = correction_text(INSTRUCTION, feedback)
+    bridge = find_turn_bridge(tokenizer, content, kwargs)
 
     prompt_text = render(tokenizer, [QUESTION], True, kwargs)
     answered = render(tokenizer, [QUESTION, {"role": "assistant", "content": ANSWER}], False, kwargs)
-    full = [QUESTION, {"role": "assistant", "content": ANSWER}, {"role": "user", "content": INSTRUCTION}]
+    full = [QUESTION, {"role": "assistant", "content": ANSWER}, {"role": "user", "content": content}]
     full_text = render(tokenizer, full, True, kwargs)
     # The template's own text after an answered turn: closing, instruction turn, generation prompt
     after_answer = full_text.split(ANSWER, 1)[1]
@@ -233,7 +238,7 @@ def test_correction_turn_follows_the_template(path, kwargs, ending):
         assert text == after_answer and not text.startswith(stop)
     else:
         assert text == after_answer
-    assert text.count(INSTRUCTION) == 1
+    assert text.count(content) == 1
     assert text.endswith(render(tokenizer, full, True, kwargs)[len(render(tokenizer, full, False, kwargs)) :])
 
     # Prefix-stable templates: exactly the template's rendering of the whole conversation

@@ -1,7 +1,10 @@
 """`score-eval` / `scripts/evaluate_score.py`: the paper's self-correction table for any model or adapter.
 
 score-eval --model_name_or_path google/gemma-2-2b-it --adapter outputs/run --benchmark gsm8k --output_dir eval/s2
-score-eval --compare eval/base eval/s1 eval/s2 --labels base "Stage I" "Stage II" --output_dir eval/compare
+score-eval --model_name_or_path google/gemma-2-2b-it --adapter outputs/run --benchmark gsm8k \
+    --correction_feedback verdict --output_dir eval/s2_verdict
+score-eval --compare eval/base eval/s1 eval/s2 eval/s2_verdict --labels base "Stage I" "Stage II" "Stage II, verdict" \
+    --output_dir eval/compare
 """
 
 import importlib.util
@@ -55,6 +58,16 @@ class EvalArguments(DataArguments, ModelSourceArguments):
     )
     correction_instruction: str | None = field(
         default=None, metadata={"help": "Instruction for every problem; the task's own (as in training) if unset."}
+    )
+    correction_feedback: str = field(
+        default="none",
+        metadata={
+            "help": "What the correction turn says about the attempt just made, as in training (SCoReConfig): none, "
+            "verdict, tests (code: visible tests only) or a dotted path to a feedback function."
+        },
+    )
+    feedback_max_tokens: int | None = field(
+        default=256, metadata={"help": "Feedback longer than this many tokens is cut, as in training."}
     )
     reward_funcs: list[str] | None = field(
         default=None, metadata={"help": "Reward names or dotted paths; the task's reward if unset."}
@@ -119,6 +132,7 @@ def load_model(eval_args, model_args):
 
 def main(eval_args, model_args):
     from ..evaluation import evaluate
+    from ..feedback import check_feedback_inputs
     from .report import compare_runs, markdown_table, write_report
 
     if eval_args.compare:
@@ -128,6 +142,8 @@ def main(eval_args, model_args):
     check_eval_args(eval_args)
     model, tokenizer, generator = load_model(eval_args, model_args)
     dataset, reward_funcs = load_data(eval_args, tokenizer)
+    check_feedback_inputs(eval_args.correction_feedback, [dataset[0]] if len(dataset) else [], tokenizer,
+                          dataset_name=eval_args.dataset_name or eval_args.benchmark)  # fmt: skip
     output_dir = Path(eval_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = evaluate(
@@ -144,6 +160,8 @@ def main(eval_args, model_args):
         chat_template_kwargs=template_kwargs(eval_args.chat_template_kwargs),
         reward_weights=eval_args.reward_weights,
         reward_clip_range=tuple(eval_args.reward_clip_range) if eval_args.reward_clip_range else None,
+        correction_feedback=eval_args.correction_feedback,
+        feedback_max_tokens=eval_args.feedback_max_tokens,
     )
     label = eval_args.label or Path(eval_args.adapter or model_args.model_name_or_path or eval_args.gguf_file).name
     paths = write_report(summary, output_dir, label)
@@ -160,6 +178,8 @@ def template_kwargs(value) -> dict | None:
 
 def check_eval_args(eval_args):
     """Settings that cannot work, refused before anything loads."""
+    from ..feedback import resolve_feedback
+
     if eval_args.benchmark and eval_args.benchmark not in BENCHMARKS:
         raise ValueError(f"benchmark={eval_args.benchmark!r}: choose one of {sorted(BENCHMARKS)}.")
     if not eval_args.dataset_name and not eval_args.benchmark:
@@ -172,6 +192,7 @@ def check_eval_args(eval_args):
                 f"reward_weights has {len(eval_args.reward_weights)} values for {len(eval_args.reward_funcs)} "
                 "reward_funcs: give one weight per reward function."
             )
+    resolve_feedback(eval_args.correction_feedback)  # an unknown mode or a path that does not import fails here
     if eval_args.num_samples > 1 and not eval_args.do_sample:
         raise ValueError(
             f"num_samples={eval_args.num_samples} with greedy decoding repeats identical attempts: set do_sample "

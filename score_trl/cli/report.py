@@ -22,6 +22,8 @@ def rows_for(summaries: list[dict]) -> list[tuple[str, str]]:
         pair = f"t1,{last}" if (t, u) == (1, k) else f"t{t},t{u}"
         rows += [(f"Δi→c({pair})", transition_key("incorrect_to_correct", t, u, k))]
         rows += [(f"Δc→i({pair})", transition_key("correct_to_incorrect", t, u, k))]
+    if any(f"told_incorrect_t{k - 1}" in s for s in summaries):
+        rows += [("told incorrect (before the last attempt)", f"told_incorrect_t{k - 1}")]
     rows += [("no edit (last = previous attempt)", "no_edit"), ("answer changed (last vs previous)", "answer_changed")]
     rows += [("mean edit distance", "mean_edit_distance")]
     return rows
@@ -46,12 +48,15 @@ def _cell(summary: dict, key: str) -> str:
 
 
 def markdown_table(summaries: list[dict], labels: list[str]) -> str:
-    """Metrics as rows, runs as columns; percentages with 95% intervals (Wilson for accuracies, bootstrap for Δ).
+    """Metrics as rows, runs as columns; percentages with 95% intervals (Wilson for accuracies, bootstrap for Δ); the
+    feedback each run's correction turn carried (`score-eval --correction_feedback`), so that intrinsic and feedback
+    runs compare side by side.
     Runs with different numbers of attempts share the table; a run shows – where it has no such attempt."""
     lines = [
         "| metric | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(labels),
         "| problems | " + " | ".join(str(s["n"]) for s in summaries) + " |",
+        "| correction feedback | " + " | ".join(s.get("correction_feedback", "none") for s in summaries) + " |",
     ]
     for name, key in rows_for(summaries):
         lines.append(f"| {name} | " + " | ".join(_cell(s, key) for s in summaries) + " |")
