@@ -1,17 +1,20 @@
-"""Pooled statistics of the reproduction over seeds: per-problem values read from each arm's `records.jsonl`, the
-per-seed table, the pooled table with two-level bootstrap intervals (seeds, then problems; `score_trl.stats`) and
-paired differences between arms (same seed, same problem), and the first round's targets, each said met or missed.
+"""Statistics of the reproduction over seeds: per-problem values read from each arm's `records.jsonl`, the per-seed
+table first (with exact McNemar tests and the tokens each arm sampled), then the values over seeds with a t-interval
+over seeds and a problem bootstrap with the models fixed (`score_trl.stats`), paired differences between arms (same
+seed, same problem), and the first round's targets, each said met or missed.
 
 The base arm is not trained, so it has one set of records; it is paired with every seed of the other arms.
 """
 
+import json
+import math
 from pathlib import Path
 
 from score_trl.config import CORRECT_THRESHOLD as THRESHOLD
 from score_trl.evaluation import read_records as read_jsonl
 from score_trl.rewards import numeric_reward
 from score_trl.scoring import graded_answer
-from score_trl.stats import change_flags, two_level_bootstrap
+from score_trl.stats import change_flags, mcnemar_exact, stratified_bootstrap, t_interval
 
 
 # "answer changed" reads what the arithmetic task's reward grades: the last number
@@ -50,15 +53,24 @@ def per_seed_values(runs: dict[str, dict[int, list[dict]]], arm: str, key: str, 
     return [problem_values(by_seed[seed] if seed in by_seed else by_seed[None], key) for seed in seeds]
 
 
+def over_seeds(per_seed: list[list[float]], draws: int = 2000, one_run: bool = False) -> dict:
+    """Per-problem values of each seed -> {"mean", "low", "high"}: the mean of the per-seed means with a 95%
+    t-interval over the seeds (what another training seed could give), and "fixed": a 95% bootstrap over problems
+    within each seed (`stats.stratified_bootstrap`), conditioned on these trained models. `one_run`: the values are
+    one run's standing in for every seed (the base model), one sample, so the t-interval is NaN (as with one seed)."""
+    per_seed = per_seed[:1] if one_run else per_seed
+    return t_interval([sum(v) / len(v) for v in per_seed]) | {"fixed": stratified_bootstrap(per_seed, draws=draws)}
+
+
 def paired_difference(runs, a: str, b: str, key: str, seeds: list[int], draws: int = 2000) -> dict:
-    """metric(a) − metric(b) over seeds and problems, each problem paired with itself under the same seed."""
+    """metric(a) − metric(b) over seeds, each problem paired with itself under the same seed (`over_seeds`)."""
     first, second = per_seed_values(runs, a, key, seeds), per_seed_values(runs, b, key, seeds)
     differences = []
     for x, y in zip(first, second, strict=True):
         if len(x) != len(y):
             raise ValueError(f"{a} and {b} have {len(x)} and {len(y)} problems: pair only evaluations of one split")
         differences.append([u - v for u, v in zip(x, y, strict=True)])
-    return two_level_bootstrap(differences, draws=draws)
+    return over_seeds(differences, draws, one_run=None in runs[a] and None in runs[b])
 
 
 def seeds_of(runs: dict[str, dict[int, list[dict]]]) -> list[int]:
@@ -68,24 +80,54 @@ def seeds_of(runs: dict[str, dict[int, list[dict]]]) -> list[int]:
 
 
 def pooled(runs, arms: list[str], keys: list[str], seeds: list[int], draws: int = 2000) -> dict[str, dict]:
-    """{arm: {key: two_level_bootstrap result}} over `seeds`."""
+    """{arm: {key: over_seeds result}} over `seeds`."""
     return {
-        arm: {key: two_level_bootstrap(per_seed_values(runs, arm, key, seeds), draws=draws) for key in keys}
+        arm: {key: over_seeds(per_seed_values(runs, arm, key, seeds), draws, None in runs[arm]) for key in keys}
         for arm in arms
     }
 
 
-def fmt(result: dict, signed: bool = True) -> str:
-    """ "+1.3 [-0.4, +2.9]" in points (percent); unsigned for shares."""
+def fmt(result: dict, signed: bool = True, which: str = "t") -> str:
+    """ "+1.3 [-0.4, +2.9]" in points (percent), the t-interval over seeds (`which="fixed"`: the problem bootstrap
+    with the models fixed); the mean alone where there is no interval (one run); unsigned for shares."""
     f = "{:+.1f}" if signed else "{:.1f}"
-    return f"{f.format(100 * result['mean'])} [{f.format(100 * result['low'])}, {f.format(100 * result['high'])}]"
+    interval = result if which == "t" else result["fixed"]
+    if math.isnan(interval["low"]):
+        return f.format(100 * result["mean"])
+    return f"{f.format(100 * result['mean'])} [{f.format(100 * interval['low'])}, {f.format(100 * interval['high'])}]"
 
 
 def verdict(result: dict) -> str:
-    """Where a difference's interval lies: above 0, below 0, or including 0."""
+    """Where a difference's t-interval over seeds lies: above 0, below 0, or including 0 (or one run: no interval)."""
+    if math.isnan(result["low"]):
+        return "one run: no interval over seeds"
     if result["low"] > 0:
         return "above 0"
     return "below 0" if result["high"] < 0 else "includes 0"
+
+
+def training_cost(folder: Path) -> dict | None:
+    """Tokens an arm sampled and prompts it saw in training, from its log_history.json and run.json: per logged step,
+    the rows times the mean completion length of each attempt (SCoRe's `turn{t}/completions/mean_length`, RLOO's
+    `completions/mean_length`), and rows / num_generations prompts. None for the untrained base."""
+    history_file, run_file = Path(folder) / "log_history.json", Path(folder) / "run.json"
+    if not history_file.is_file() or not run_file.is_file():
+        return None
+    run = json.loads(run_file.read_text())
+    settings = run["settings"]
+    if "training" in settings:  # the trainer's own config
+        training = settings["training"]
+        rows, generations = training["per_device_train_batch_size"], training["num_generations"]
+    else:  # run.json before the restructuring (41c9dc4): prompts per SCoRe step, doubled for the RLOO arms
+        single_turn = run["arm"] in ("rloo", "rloo_2n")
+        generations = settings["num_generations"]
+        rows = settings["prompts_per_step"] * generations * (2 if single_turn else 1)
+    steps = [h for h in json.loads(history_file.read_text()) if "loss" in h]
+    sampled = 0.0
+    for h in steps:
+        attempts = [h[k] for k in sorted(h) if k.startswith("turn") and k.endswith("/completions/mean_length")]
+        sampled += rows * sum(attempts or [h["completions/mean_length"]])
+    return {"sampled_tokens": round(sampled), "prompts": len(steps) * rows // generations, "steps": len(steps)}
 
 
 def load_runs(output_dir: str | Path, arms: list[str], subdir: str = "") -> dict[str, dict[int, list[dict]]]:
@@ -119,8 +161,9 @@ COMPARISONS = [
 
 
 def results_markdown(output_dir: str | Path, arms: list[str], split: str, draws: int = 2000) -> str:
-    """results.md: per-seed values, the pooled table, the paired differences, the targets and, when evaluated, the
-    transfer set, from the records the runs wrote in output_dir."""
+    """results.md: each seed first (the headline: per-seed values, exact McNemar tests, the tokens and prompts each
+    arm trained on), then the values over seeds with both intervals, the paired differences, the targets and, when
+    evaluated, the transfer set, from the records and logs the runs wrote in output_dir."""
     runs = load_runs(output_dir, arms)
     present = [arm for arm in arms if arm in runs]
     seeds = seeds_of(runs)
@@ -131,32 +174,58 @@ def results_markdown(output_dir: str | Path, arms: list[str], split: str, draws:
     lines = [
         f"# Self-correction on generated arithmetic ({split} split)",
         "",
-        f"Seeds pooled: {seeds} (those every trained arm has finished). Percentages; 95% intervals from a two-level "
-        "bootstrap (seeds, then problems), paired by problem and seed for differences. Greedy, two attempts.",
+        f"Seeds: {seeds} (those every trained arm has finished). Greedy, two attempts, percentages. Each seed is one "
+        "training run; the base model is not trained and has one evaluation, which stands beside every seed.",
         "",
-        "## Pooled",
+        "Two intervals, both 95%, answer different questions. *Over seeds*: a t-interval over the per-seed values "
+        "(n − 1 degrees of freedom): what another training seed could give; with three seeds it is wide, and it is "
+        "the one the targets use. *Models fixed*: a bootstrap over problems within each seed, paired by problem: "
+        "how precisely these trained models were measured on this split, conditioned on them.",
         "",
-        "| arm | " + " | ".join(LABELS[k] for k in keys) + " |",
-        "|---|" + "---|" * len(keys),
+        "## Each seed",
+        "",
+        "i→c and c→i are counts of problems; *McNemar p*: exact two-sided test of i→c against c→i (`stats."
+        "mcnemar_exact`). Sampled tokens: what the arm generated in training, from its log_history.json (rows × "
+        "mean completion length per attempt, summed over steps); prompts: distinct prompts per step × steps.",
+        "",
+        "| arm | seed | " + " | ".join(LABELS[k] for k in keys) + " | i→c | c→i | McNemar p | sampled tokens | "
+        "prompts |",
+        "|---|---|" + "---|" * (len(keys) + 5),
     ]
-    table = pooled(runs, present, keys, seeds, draws)
-    for arm in present:
-        cells = [fmt(table[arm][k], signed=k in SIGNED) for k in keys]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "## Each seed", "", "| arm | seed | " + " | ".join(LABELS[k] for k in keys) + " |"]
-    lines.append("|---|---|" + "---|" * len(keys))
     for arm in present:
         for seed, records in sorted(runs[arm].items(), key=lambda item: -1 if item[0] is None else item[0]):
             cells = [f"{100 * sum(v) / len(v):.1f}" for v in (problem_values(records, k) for k in keys)]
+            i2c = int(sum(problem_values(records, "incorrect_to_correct")))
+            c2i = int(sum(problem_values(records, "correct_to_incorrect")))
+            folder = Path(output_dir) / ("base" if seed is None else f"seed{seed}/{arm}")
+            cost = training_cost(folder)
+            spent = [f"{cost['sampled_tokens']:,}", str(cost["prompts"])] if cost else ["–", "–"]
+            cells += [str(i2c), str(c2i), f"{mcnemar_exact(i2c, c2i):.3g}", *spent]
             lines.append(f"| {arm} | {'–' if seed is None else seed} | " + " | ".join(cells) + " |")
+    table = pooled(runs, present, keys, seeds, draws)
+    lines += [
+        "",
+        "## Over seeds",
+        "",
+        "Mean of the per-seed values [95% t-interval over seeds]; the base model has one run, so no interval. Δ also "
+        "with the models fixed.",
+        "",
+        "| arm | " + " | ".join(LABELS[k] for k in keys) + " | Δ, models fixed |",
+        "|---|" + "---|" * (len(keys) + 1),
+    ]
+    for arm in present:
+        cells = [fmt(table[arm][k], signed=k in SIGNED) for k in keys] + [fmt(table[arm]["delta"], which="fixed")]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     differences = [
         (key, a, b, paired_difference(runs, a, b, key, seeds, draws))
         for key, a, b in COMPARISONS
         if a in runs and b in runs
     ]
     if differences:
-        lines += ["", "## Paired differences (points)", "", "| difference | pooled | interval |", "|---|---|---|"]
-        lines += [f"| {LABELS[k]}({a}) − {LABELS[k]}({b}) | {fmt(r)} | {verdict(r)} |" for k, a, b, r in differences]
+        lines += ["", "## Paired differences (points)", "",
+                  "| difference | over seeds | interval over seeds | models fixed |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {LABELS[k]}({a}) − {LABELS[k]}({b}) | {fmt(r)} | {verdict(r)} | {fmt(r, which='fixed')} |"
+                  for k, a, b, r in differences]  # fmt: skip
     lines += ["", "## Targets", "", *targets(runs, table, seeds, draws)]
     transfer = load_runs(output_dir, arms, subdir="transfer")
     if transfer and seeds_of(transfer):
@@ -165,7 +234,8 @@ def results_markdown(output_dir: str | Path, arms: list[str], split: str, draws:
 
 
 def targets(runs, table, seeds, draws) -> list[str]:
-    """The first round's targets, each with its numbers and said met or missed."""
+    """The first round's targets, each with its numbers and said met or missed, on the t-intervals over seeds (an
+    interval needs two seeds or more: with one, a target that asks for an interval is missed)."""
     out = []
     if "score" in table:
         delta = table["score"]["delta"]

@@ -6,7 +6,7 @@ the engine that actually ran: the wrapped model's class, the DeepSpeed stage, an
 of the weights. Options: `--lora` (LoRA r=4 on every linear layer), `--max_steps`, `--stage_one_steps`,
 `--save_steps` (0: no checkpoints), `--resume PATH|last`, `--pace` (one second per step, the step reached written to
 `progress`, each rank's pid to `pid{rank}`, so that a test can signal it mid-run), `--no_gather` (ZeRO-3 generation
-without gathering the weights first).
+without gathering the weights first), `--correction_feedback` (none, verdict or a dotted path, as in SCoReConfig).
 """
 
 import argparse
@@ -79,11 +79,13 @@ def main():
     parser.add_argument("--resume", default=None)
     parser.add_argument("--pace", action="store_true")
     parser.add_argument("--no_gather", action="store_true", help="ZeRO-3: generate without gathering the weights.")
+    parser.add_argument("--correction_feedback", default="none", help="none, verdict, or a dotted path.")
     a = parser.parse_args()
     output = Path(a.output_dir)
     saving = dict(save_strategy="steps", save_steps=a.save_steps) if a.save_steps else {}
     args = make_args(output, per_device_train_batch_size=2, max_steps=a.max_steps, stage_one_steps=a.stage_one_steps,
-                     ds3_gather_for_generation=not a.no_gather, **saving)  # fmt: skip
+                     ds3_gather_for_generation=not a.no_gather, correction_feedback=a.correction_feedback,
+                     **saving)  # fmt: skip
     peft_config = None
     if a.lora:
         from peft import LoraConfig

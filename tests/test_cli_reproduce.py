@@ -193,7 +193,7 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     stages = [e.get("stage") for e in history]
     assert 1.0 not in stages
     table = (output / "results.md").read_text()
-    assert "Seeds pooled: [0, 1]" in table and "## Paired differences" in table and "## Transfer" in table
+    assert "Seeds: [0, 1]" in table and "## Paired differences" in table and "## Transfer" in table
     assert all(f"| {arm} |" in table for arm in ARMS) and "SCoRe Δ > 0" in table and "RLOO→SCoRe" in table
     for png in ("curves.png", "comparison.png"):
         assert (output / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

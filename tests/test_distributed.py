@@ -179,6 +179,19 @@ FSDP2_ON_CPU = {
 
 
 @pytest.mark.slow
+def test_a_feedback_failure_on_one_rank_ends_the_run_on_every_rank(tmp_path, tiny_model_dir):
+    # The judge fails in the second process only, on the first real attempts: that rank raises naming the function,
+    # and the launcher ends the other rank instead of leaving it waiting in a collective
+    output = tmp_path / "run"
+    status, _, stderr = finish(launch(DDP, output, tiny_model_dir, output, "--correction_feedback",
+                                      "feedback_funcs.fail_on_rank_one", port=29531), timeout=300)  # fmt: skip
+    assert status != 0
+    assert "feedback function 'feedback_funcs.fail_on_rank_one' failed on attempt 1 at step 0" in stderr
+    assert "judge unreachable" in stderr
+    assert not (output / "engine_rank0.json").exists() and not (output / "engine_rank1.json").exists()
+
+
+@pytest.mark.slow
 def test_fsdp_launch_on_cpu_is_refused_not_run_as_ddp(tmp_path, tiny_model_dir):
     config = tmp_path / "fsdp2.yaml"
     config.write_text(yaml.safe_dump(FSDP2_ON_CPU))

@@ -2,11 +2,13 @@
 results page, on hand-made records whose answers are known."""
 
 import json
+import math
 
 import pytest
 
 from experiments.pooled import (
     load_runs,
+    over_seeds,
     paired_difference,
     problem_values,
     results_markdown,
@@ -52,16 +54,30 @@ def test_two_level_bootstrap_by_hand():
 
 def test_paired_difference_keeps_the_pairing():
     # arm a is arm b plus one extra correct problem per seed: every paired difference is 0 except one problem, so the
-    # interval is tight; unpaired, the accuracies' own spread (~±5 points) would swamp the 0.5-point difference
+    # problem-level interval is tight; unpaired, the accuracies' own spread (~±5 points) would swamp the 0.5 points
     base = [(r, r) for r in [1.0, 0.0] * 100]
     runs = {"a": {0: records([(1.0, 1.0), (1.0, 1.0)] + base[2:])}, "b": {0: records(base)}}  # a: problem 1 right
     result = paired_difference(runs, "a", "b", "accuracy_t2", [0], draws=2000)
-    assert result["mean"] == pytest.approx(1 / 200) and 0.0 <= result["low"] <= result["high"] <= 0.015
-    assert verdict(result) in ("above 0", "includes 0")
+    assert result["mean"] == pytest.approx(1 / 200)
+    assert 0.0 <= result["fixed"]["low"] <= result["fixed"]["high"] <= 0.015
+    assert math.isnan(result["low"]) and verdict(result) == "one run: no interval over seeds"  # one seed
     assert verdict({"low": -0.2, "high": -0.1}) == "below 0" and verdict({"low": 0.1, "high": 0.2}) == "above 0"
     runs["c"] = {0: records(base[:10])}
     with pytest.raises(ValueError, match="pair only evaluations of one split"):
         paired_difference(runs, "a", "c", "delta", [0])
+
+
+def test_over_seeds_is_a_t_interval_and_the_base_counts_once():
+    # per-seed means 0.25, 0.30, 0.35: mean 0.30, sd 0.05, half-width t(2) 4.303 * 0.05 / sqrt(3) = 0.1242
+    per_seed = [[1.0] * n + [0.0] * (40 - n) for n in (10, 12, 14)]
+    result = over_seeds(per_seed, draws=500)
+    assert (result["mean"], result["low"], result["high"]) == pytest.approx((0.30, 0.1758, 0.4242), abs=1e-4)
+    assert result["fixed"]["low"] < 0.30 < result["fixed"]["high"]
+    # one run standing in for three seeds (the base model) is one sample, not three agreeing seeds
+    once = over_seeds([[1.0, 0.0] * 20] * 3, draws=500, one_run=True)
+    assert once["mean"] == 0.5 and math.isnan(once["low"])
+    agreeing = over_seeds([[1.0, 0.0] * 20] * 3, draws=500)  # three trained seeds that happen to agree
+    assert (agreeing["low"], agreeing["high"]) == (0.5, 0.5)
 
 
 def write_arm(folder, rows):
@@ -71,23 +87,24 @@ def write_arm(folder, rows):
 
 
 def test_results_page_from_files(tmp_path):
-    # 40 problems. base: 10 right at both attempts; score: seed 0 corrects 10 more at t2, seed 1 corrects 20
+    # 40 problems. base: 10 right at both attempts; score: seeds 0, 1, 2 correct 10, 12 and 14 more at t2
     write_arm(tmp_path / "base", records([(1, 1)] * 10 + [(0, 0)] * 30))
-    write_arm(tmp_path / "seed0" / "score", records([(1, 1)] * 10 + [(0, 1)] * 10 + [(0, 0)] * 20))
-    write_arm(tmp_path / "seed1" / "score", records([(1, 1)] * 10 + [(0, 1)] * 20 + [(0, 0)] * 10))
-    (tmp_path / "seed2" / "score").mkdir(parents=True)  # unfinished: no summary.json, not pooled
+    for seed, n in enumerate((10, 12, 14)):
+        write_arm(tmp_path / f"seed{seed}" / "score", records([(1, 1)] * 10 + [(0, 1)] * n + [(0, 0)] * (30 - n)))
+    (tmp_path / "seed3" / "score").mkdir(parents=True)  # unfinished: no summary.json, not pooled
     runs = load_runs(tmp_path, ["base", "score", "rloo"])
-    assert set(runs) == {"base", "score"} and set(runs["score"]) == {0, 1} and seeds_of(runs) == [0, 1]
+    assert set(runs) == {"base", "score"} and set(runs["score"]) == {0, 1, 2} and seeds_of(runs) == [0, 1, 2]
     page = results_markdown(tmp_path, ["base", "score", "rloo"], "test", draws=500)
-    assert "Seeds pooled: [0, 1]" in page
-    # pooled score: Acc@t1 = 25, Acc@t2 = mean(50, 75) = 62.5, Δ = mean(25, 50) = 37.5 points
-    row = next(line for line in page.splitlines() if line.startswith("| score |"))
-    cells = row.split(" | ")
-    assert cells[1].startswith("25.0 [") and cells[2].startswith("62.5 [") and cells[3].startswith("+37.5 [")
-    assert "| score | 0 | 25.0 | 50.0 | 25.0 | 25.0 | 0.0 | 25.0 | 25.0 |" in page  # per seed, text/answer changed
-    assert "| base | – | 25.0 | 25.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 |" in page
-    assert "| Δ(t1,t2)(score) − Δ(t1,t2)(base) | +37.5" in page
+    assert "Seeds: [0, 1, 2]" in page and page.index("## Each seed") < page.index("## Over seeds")
+    # each seed: values, the counts, exact McNemar (10 one-way flips: 2 / 2^10), no training log here
+    assert "| score | 0 | 25.0 | 50.0 | 25.0 | 25.0 | 0.0 | 25.0 | 25.0 | 10 | 0 | 0.00195 | – | – |" in page
+    assert "| base | – | 25.0 | 25.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0 | 0 | 1 | – | – |" in page
+    # over seeds: Δ per seed 25, 30, 35 -> +30.0 [+17.6, +42.4]; the base model has one run, so no interval
+    row = next(line for line in page.splitlines() if line.startswith("| score | 25.0 [25.0, 25.0] |"))
+    assert "| +30.0 [+17.6, +42.4] |" in row
+    assert "| base | 25.0 | 25.0 | +0.0 |" in page
+    assert "| Δ(t1,t2)(score) − Δ(t1,t2)(base) | +30.0 [+17.6, +42.4] | above 0 |" in page
     target = next(line for line in page.splitlines() if line.startswith("- SCoRe Δ > 0"))
-    assert "**met**" in target and "+37.5" in target
+    assert "**met**" in target and "+30.0 [+17.6, +42.4]" in target
     best = next(line for line in page.splitlines() if line.startswith("- SCoRe's Acc@t2"))
-    assert "(base, 25.0" in best and "**met**" in best
+    assert "(base, 25.0)" in best and "**met**" in best
