@@ -6,6 +6,9 @@ from trl import RLOOConfig
 
 
 CORRECT_THRESHOLD = 0.5  # a reward at or above it counts as a correct attempt (0/1 verifiers: 1 is correct)
+# How the correction turn follows an attempt for plain-text (standard) prompts: a separator, the correction (feedback
+# and instruction), a separator before the next attempt
+PLAIN_CORRECTION_FORMAT = "\n\n{correction}\n\n"
 
 
 # The paper's self-correction instruction for MATH (Kumar et al. 2024, Appendix), used as the default.
@@ -77,6 +80,13 @@ class SCoReConfig(RLOOConfig):
             (`score-eval --correction_feedback`).
         feedback_max_tokens (`int`, *optional*, defaults to `256`):
             Feedback longer than this many tokens is cut and counted (`feedback/truncated_after_turn{t}`).
+        plain_correction_format (`str`, *optional*, defaults to `"\\n\\n{correction}\\n\\n"`):
+            For plain-text (standard) prompts, as base models take: the text appended after an attempt, `{correction}`
+            being the correction turn (feedback and instruction). Tokenized on its own and appended to the sampled
+            ids, as the chat turn is.
+        stop_strings (`list[str]`, *optional*):
+            Strings that end an attempt, for base models that do not emit EOS: the attempt keeps its tokens up to the
+            one that completes the first stop string and counts as finished.
         correct_threshold (`float`, *optional*, defaults to `0.5`):
             An attempt counts as correct, for the self-correction metrics and the verdict feedback, when its reward
             is at least this.
@@ -156,6 +166,22 @@ class SCoReConfig(RLOOConfig):
     feedback_max_tokens: int | None = field(
         default=256,
         metadata={"help": "Feedback longer than this many tokens is cut (and counted). None: no limit."},
+    )
+    plain_correction_format: str = field(
+        default=PLAIN_CORRECTION_FORMAT,
+        metadata={
+            "help": "Plain-text (standard) prompts only: the text appended after an attempt, with {correction} the "
+            "correction turn (feedback and instruction), e.g. '\\n\\nQ: {correction}\\nA:' for a few-shot format. "
+            "Tokenized on its own, so the sampled tokens stay as sampled."
+        },
+    )
+    stop_strings: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Strings that end an attempt, for base models that do not emit EOS (e.g. the separator that would "
+            "start a new question). The attempt keeps its tokens up to the one that completes the first stop string; "
+            "such an attempt counts as finished, not truncated."
+        },
     )
     disable_dropout: bool = field(
         default=True,
@@ -299,6 +325,13 @@ class SCoReConfig(RLOOConfig):
                 f"correction_feedback={spec!r}: use one of {list(FEEDBACK_MODES)}, or a dotted path to a function "
                 "with the reward signature that returns one string (or None) per row, e.g. 'my_package.judges.judge'."
             )
+        if "{correction}" not in self.plain_correction_format:
+            raise ValueError(
+                f"plain_correction_format={self.plain_correction_format!r} has no {{correction}}: the correction turn "
+                "must appear in it, e.g. '\\n\\n{correction}\\n\\n'."
+            )
+        if self.stop_strings is not None and not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ValueError(f"stop_strings={self.stop_strings}: give non-empty strings, or None.")
         if self.feedback_max_tokens is not None and self.feedback_max_tokens < 1:
             raise ValueError(f"feedback_max_tokens={self.feedback_max_tokens}: give a number of tokens >= 1, or None.")
 

@@ -182,13 +182,18 @@ def to_score_rows(
     tokenizer=None,
     first_attempt_fraction: float = 0.0,
     seed: int = 0,
+    plain_template: str | None = None,
 ) -> list[dict]:
     """Rows in a source format -> rows with `prompt`, the reward's columns and `correction_instruction`.
 
     `question_column`/`answer_column` map generic data (the format is then "gsm8k"-like: question and answer).
     `first_attempt_fraction` of the rows that carry an `original_answer` (the seed format) get it as `first_attempt`:
     the trainer then uses it as y1 instead of sampling, trains only the correction on those rows.
+    `plain_template` (for base models) makes each prompt a string: the template with {question} filled in, after the
+    system prompt when one is given.
     """
+    if plain_template is not None and "{question}" not in plain_template:
+        raise DataFormatError(f"plain_template={plain_template!r} has no {{question}} to put the question in.")
     if question_column or answer_column:
         rows = [
             _rename(row, {question_column or "question": "question", answer_column or "answer": "answer"})
@@ -209,7 +214,9 @@ def to_score_rows(
         check_required(row, required, format, f"{source} row {number}")
         question = question_text(row, format)
         item = {
-            "prompt": build_prompt(question, task_spec.prompt_template, system_prompt, tokenizer),
+            "prompt": build_prompt(question, task_spec.prompt_template, system_prompt, tokenizer)
+            if plain_template is None
+            else (f"{system_prompt}\n\n" if system_prompt else "") + plain_template.format(question=question),
             "task": task or default_task,  # per row, so that mixed-task data can pick each row's reward
             "correction_instruction": task_spec.correction_instruction,
         }

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CORRECT_THRESHOLD
+from .config import CORRECT_THRESHOLD, PLAIN_CORRECTION_FORMAT
 from .feedback import CorrectionTurns, told_incorrect
 from .generation import Generator, prompt_ids, roll_out
 from .scoring import answered_conversations, graded_answer, score_texts
@@ -40,6 +40,7 @@ def evaluate(
     reward_clip_range: tuple[float, float] | None = None,
     correction_feedback="none",
     feedback_max_tokens: int | None = None,
+    plain_correction_format: str = PLAIN_CORRECTION_FORMAT,
 ) -> dict:
     """Evaluate self-correction on `dataset` (rows from `score_trl.data`); returns `summarize(records)`.
 
@@ -51,10 +52,12 @@ def evaluate(
     `reward_clip_range` are the training config's (`SCoReConfig`), so that prompts render and rewards combine as in
     training. `correction_feedback` ("none", "verdict", "tests", a dotted path or a function) and
     `feedback_max_tokens` build the correction turn as `SCoReConfig`'s fields of the same names do; each record then
-    holds the feedback after each attempt (`feedback_1`, ...).
+    holds the feedback after each attempt (`feedback_1`, ...). Plain-text prompts (strings, for base models) get the
+    correction appended as text with `plain_correction_format`, as in training; a generator with `stop_strings` cuts
+    attempts as training does.
     """
     turns = CorrectionTurns(tokenizer, chat_template_kwargs, correction_feedback, feedback_max_tokens,
-                            threshold=threshold)  # fmt: skip
+                            threshold=threshold, plain_format=plain_correction_format)  # fmt: skip
     rows = list(dataset)[:limit] if limit is not None else list(dataset)
     records = read_records(output_jsonl) if output_jsonl else []
     done = {(r["index"], r["sample"]) for r in records}
@@ -90,12 +93,12 @@ def _evaluate_batch(generator, tokenizer, rows, batch, reward_funcs, correction_
     def generate(t, context_ids):
         attempt = generator(context_ids)
         texts.append(tokenizer.batch_decode(attempt, skip_special_tokens=True))
-        conversations = answered_conversations(prompts, texts, corrections, t)
+        conversations = answered_conversations(prompts, texts, corrections, t, turns.plain_format)
         rewards.append(score_texts(reward_funcs, conversations, texts[t], batch_rows, *combine))
         return attempt
 
     def bridges_after(t, attempt):
-        conversations = answered_conversations(prompts, texts, corrections, t)
+        conversations = answered_conversations(prompts, texts, corrections, t, turns.plain_format)
         text, bridges, said, _ = turns.after(batch_rows, instructions, conversations, texts[t], attempt, rewards[t])
         corrections.append(text)
         feedback.append(said)
@@ -107,7 +110,7 @@ def _evaluate_batch(generator, tokenizer, rows, batch, reward_funcs, correction_
             "index": index,
             "sample": sample,
             "id": _row_id(batch_rows[k], index),
-            "question": prompts[k][-1]["content"],
+            "question": prompts[k] if isinstance(prompts[k], str) else prompts[k][-1]["content"],
             **{f"attempt_{t + 1}": texts[t][k] for t in range(num_attempts)},
             **{f"reward_{t + 1}": rewards[t][k] for t in range(num_attempts)},
             **({f"feedback_{t + 1}": feedback[t][k] for t in range(num_attempts - 1)} if turns.func else {}),

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from .config import CORRECT_THRESHOLD
+from .config import CORRECT_THRESHOLD, PLAIN_CORRECTION_FORMAT
 
 
 FEEDBACK_MODES = ("none", "verdict", "tests")
@@ -210,10 +210,10 @@ def feedback_for_attempt(func, name: str, rows: list[dict], conversations: list,
     returns and cuts each text to `max_tokens`. Returns (feedback per row, how many were cut). Any failure, a
     `timeout` overrun included, raises FeedbackError naming the function and `where` (attempt and step)."""
     from .reward_checks import RewardTimeout, call_with_timeout
-    from .scoring import as_completion
+    from .scoring import as_completion, is_plain
 
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
-    call = {"prompts": conversations, "completions": [as_completion(text) for text in texts],
+    call = {"prompts": conversations, "completions": [as_completion(text, is_plain(conversations)) for text in texts],
             "completion_ids": completion_ids, **columns, "rewards": rewards}  # fmt: skip
     try:
         values = call_with_timeout(func, timeout, name, **call)
@@ -234,24 +234,33 @@ class CorrectionTurns:
 
     def __init__(self, tokenizer, chat_template_kwargs: dict | None = None, correction_feedback="none",
                  max_tokens: int | None = None, timeout: float | None = None,
-                 threshold: float = CORRECT_THRESHOLD):  # fmt: skip
-        self.tokenizer, self.kwargs = tokenizer, chat_template_kwargs or {}
+                 threshold: float = CORRECT_THRESHOLD, plain_format: str = PLAIN_CORRECTION_FORMAT):  # fmt: skip
+        self.tokenizer, self.kwargs, self.plain_format = tokenizer, chat_template_kwargs or {}, plain_format
         self.name, self.func = resolve_feedback(correction_feedback, threshold)
         self.max_tokens, self.timeout, self.threshold = max_tokens, timeout, threshold
         self._bridges = {}
 
-    def bridge(self, text: str):
-        from .turns import find_turn_bridge
+    def bridge(self, text: str, plain: bool = False):
+        """The turn's ids for correction `text`: the chat template's user turn, or for plain-text prompts
+        `plain_format` around it (`turns.plain_bridge`)."""
+        from .turns import find_turn_bridge, plain_bridge
 
-        if text not in self._bridges:
+        if (text, plain) not in self._bridges:
             if len(self._bridges) >= self._CACHE_SIZE:
                 self._bridges.clear()
-            self._bridges[text] = find_turn_bridge(self.tokenizer, text, self.kwargs)
-        return self._bridges[text]
+            self._bridges[text, plain] = (
+                plain_bridge(self.tokenizer, self.plain_format.format(correction=text))
+                if plain
+                else find_turn_bridge(self.tokenizer, text, self.kwargs)
+            )
+        return self._bridges[text, plain]
 
     def after(self, rows, instructions, conversations, texts, completion_ids, rewards, where: str = ""):
         """(correction texts, their bridges, feedback per row, number of feedback texts cut) after one attempt, whose
-        rows answered `conversations` with `texts` / `completion_ids` and scored `rewards` (None: unscorable)."""
+        rows answered `conversations` (strings for plain-text prompts) with `texts` / `completion_ids` and scored
+        `rewards` (None: unscorable)."""
+        from .scoring import is_plain
+
         feedback, cut = [None] * len(texts), 0
         if self.func is not None:
             feedback, cut = feedback_for_attempt(
@@ -259,7 +268,8 @@ class CorrectionTurns:
                 self.max_tokens, self.timeout, where,
             )  # fmt: skip
         corrections = [correction_text(i, f) for i, f in zip(instructions, feedback, strict=True)]
-        return corrections, [self.bridge(text) for text in corrections], feedback, cut
+        plain = is_plain(conversations)
+        return corrections, [self.bridge(text, plain) for text in corrections], feedback, cut
 
 
 def check_feedback_inputs(spec, rows: list[dict], tokenizer, remove_unused_columns: bool = False, timeout=None,

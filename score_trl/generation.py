@@ -24,7 +24,8 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 class TransformersGenerator:
     """Greedy or sampled generation with transformers: padded `generate`, or continuous batching (`generate_batch`).
     The model samples in eval mode (no dropout) and is put back in the mode it was in. Sampling draws from the whole
-    temperature-scaled distribution by default (`top_p=1.0, top_k=0`), as RLOOTrainer's defaults and vLLM do."""
+    temperature-scaled distribution by default (`top_p=1.0, top_k=0`), as RLOOTrainer's defaults and vLLM do. With
+    `stop_strings` (base models), each attempt is cut as training cuts it (`cut_at_stop_strings`)."""
 
     def __init__(
         self,
@@ -36,8 +37,10 @@ class TransformersGenerator:
         continuous=False,
         top_p=1.0,
         top_k=0,
+        stop_strings=None,
     ):
         self.model, self.tokenizer, self.continuous = model, tokenizer, continuous
+        self.stop_strings = stop_strings
         self.stop_ids = eos_token_ids(model, tokenizer)
         self.config = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -59,7 +62,8 @@ class TransformersGenerator:
             rows = self._continuous(prompt_ids) if self.continuous else self._padded(prompt_ids)
         finally:
             self.model.train(was_training)
-        return cut_at_stop([list(row) for row in rows], self.stop_ids)
+        rows = cut_at_stop([list(row) for row in rows], self.stop_ids)
+        return cut_at_stop_strings(rows, self.tokenizer, self.stop_strings)
 
     def _continuous(self, prompt_ids):
         outputs = self.model.generate_batch(prompt_ids, generation_config=self.config, progress_bar=False)
@@ -78,6 +82,29 @@ def sample_padded(model, prompt_ids, generation_config, pad_token_id, pad_to_mul
     return output[:, input_ids.size(1) :].tolist()
 
 
+def cut_at_stop_strings(rows: list[list[int]], tokenizer, stop_strings) -> list[list[int]]:
+    """Each row up to and including the token that completes the first occurrence of a stop string in its decoded
+    text (all of it when none occurs). The kept tokens are a prefix of what was sampled, so their log-probs are
+    unchanged; generation may have run past the stop, which costs time but changes nothing trained."""
+    if not stop_strings:
+        return rows
+    out = []
+    for row in rows:
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        if not any(stop in text for stop in stop_strings):
+            out.append(row)
+            continue
+        end = next(k for k in range(1, len(row) + 1) if stops_in(tokenizer.decode(row[:k], skip_special_tokens=True),
+                                                                  stop_strings))  # fmt: skip
+        out.append(row[:end])
+    return out
+
+
+def stops_in(text: str, stop_strings) -> bool:
+    """Whether `text` contains one of `stop_strings` (an attempt cut at one ends with it: it finished)."""
+    return bool(stop_strings) and any(stop in text for stop in stop_strings)
+
+
 def cut_at_stop(rows: list[list[int]], stop_ids) -> list[list[int]]:
     """Each row up to and including its first stop token (all of it when none), as RLOOTrainer keeps completions."""
     stops = set(stop_ids)
@@ -87,10 +114,10 @@ def cut_at_stop(rows: list[list[int]], stop_ids) -> list[list[int]]:
 class VLLMGenerator:
     """Generation with vLLM from token ids (prompts are never re-tokenized, as in training)."""
 
-    def __init__(self, llm, max_new_tokens=256, do_sample=False, temperature=1.0):
+    def __init__(self, llm, max_new_tokens=256, do_sample=False, temperature=1.0, stop_strings=None):
         from vllm import SamplingParams
 
-        self.llm = llm
+        self.llm, self.stop_strings = llm, stop_strings
         self.params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0)
 
     def __call__(self, prompt_ids: list[list[int]]) -> list[list[int]]:
@@ -99,7 +126,8 @@ class VLLMGenerator:
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], self.params, use_tqdm=False
         )
-        return [list(output.outputs[0].token_ids) for output in outputs]
+        rows = [list(output.outputs[0].token_ids) for output in outputs]
+        return cut_at_stop_strings(rows, self.llm.get_tokenizer(), self.stop_strings)
 
 
 def roll_out(generate, context_ids: list[list[int]], bridges, num_attempts: int):
@@ -135,8 +163,11 @@ def generate_attempts(
     return attempts
 
 
-def prompt_ids(tokenizer, prompts: list[list[dict]], chat_template_kwargs: dict | None = None) -> list[list[int]]:
-    """Conversational prompts rendered with the template and its generation prompt, as RLOOTrainer renders them."""
+def prompt_ids(tokenizer, prompts: list, chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """Prompt ids as RLOOTrainer makes them: conversational prompts rendered with the template and its generation
+    prompt; plain-text prompts tokenized as they are (with the tokenizer's special tokens, e.g. a BOS)."""
+    if prompts and isinstance(prompts[0], str):
+        return tokenizer(text=prompts)["input_ids"]
     return tokenizer.apply_chat_template(
         prompts, add_generation_prompt=True, tokenize=True, return_dict=True, **(chat_template_kwargs or {})
     )["input_ids"]

@@ -66,15 +66,22 @@ def check_dataset(dataset, name: str, prompts_per_generation: int | None = None)
         )
     rows = first_rows(dataset, 2)
     if rows and "prompt" not in rows[0]:
-        raise ValueError(f"{name} row 1 has no 'prompt' (keys: {sorted(rows[0])}). Give each row a chat prompt.")
+        raise ValueError(f"{name} row 1 has no 'prompt' (keys: {sorted(rows[0])}). Give each row a prompt.")
+    kinds = set()
     for number, row in enumerate(rows, start=1):
         prompt = row["prompt"]
-        if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m for m in prompt):
+        chat = isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "role" in m for m in prompt)
+        if not chat and not isinstance(prompt, str):
             raise ValueError(
-                f"{name} row {number}: 'prompt' must be conversational (a list of {{'role', 'content'}} messages), "
-                f"got {type(prompt).__name__}. SCoRe appends the correction as a chat turn, so it needs the chat "
-                "structure."
+                f"{name} row {number}: 'prompt' must be conversational (a list of {{'role', 'content'}} messages, "
+                "for chat models: the correction is a user turn) or a string (plain text, for base models: the "
+                f"correction is appended as text with plain_correction_format), got {type(prompt).__name__}."
             )
+        kinds.add(chat)
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{name} mixes conversational and plain-text prompts in its first rows: use one format for every row."
+        )
     return rows
 
 
@@ -120,12 +127,12 @@ def check_tokenizer(processing_class):
 
 def check_inputs(model, args, train_dataset, eval_dataset, processing_class):
     """The checks SCoReTrainer runs before it loads anything, but the reward functions' (`reward_checks`): the launch,
-    the model path, the datasets, the tokenizer and its rendering of the first prompt, the correction turn and its
-    feedback (`feedback.check_feedback_inputs`). Returns
-    (tokenizer, the first training rows, {default instruction: its turn bridge})."""
+    the model path, the datasets, the tokenizer and its rendering of the first prompt, the correction turn (a chat
+    turn, or for plain-text prompts the formatted text) and its feedback (`feedback.check_feedback_inputs`). Returns
+    (tokenizer, the first training rows)."""
     from .feedback import check_feedback_inputs
     from .models import check_model_path
-    from .turns import find_turn_bridge, instruction_for
+    from .turns import find_turn_bridge, instruction_for, plain_bridge
 
     check_engine(args)
     if isinstance(model, str):
@@ -134,10 +141,13 @@ def check_inputs(model, args, train_dataset, eval_dataset, processing_class):
     for name, dataset in named_eval_datasets(eval_dataset):
         check_dataset(dataset, name)
     processing_class = check_tokenizer(processing_class or default_tokenizer(model, args))
-    default_instruction = instruction_for({}, args.correction_instruction)
-    bridge = find_turn_bridge(processing_class, default_instruction, args.chat_template_kwargs or {})
-    if first:
-        check_renders(processing_class, first[0]["prompt"], args.chat_template_kwargs or {})
+    instruction = instruction_for(first[0] if first else {}, args.correction_instruction)
+    if first and isinstance(first[0]["prompt"], str):  # plain text: no chat template needed (base models)
+        plain_bridge(processing_class, args.plain_correction_format.format(correction=instruction))
+    else:
+        find_turn_bridge(processing_class, instruction, args.chat_template_kwargs or {})
+        if first:
+            check_renders(processing_class, first[0]["prompt"], args.chat_template_kwargs or {})
     check_feedback_inputs(args.feedback_function, first, processing_class, args.remove_unused_columns,
                           args.reward_timeout)  # fmt: skip
-    return processing_class, first, {default_instruction: bridge}
+    return processing_class, first

@@ -14,7 +14,7 @@ from trl.trainer.utils import nanstd, print_prompt_completions_sample
 
 from .feedback import told_incorrect
 from .metrics import clip_stats, length_stats, reward_stats
-from .scoring import answered_conversations, as_completion
+from .scoring import answered_conversations, as_completion, is_plain
 from .stats import change_flags, self_correction_stats
 
 
@@ -109,13 +109,18 @@ def log_table_rows(trainer, prompts, texts, corrections, rewards, advantages):
     """RLOO's record (`_logs`, read by its table and by callbacks): the prompt, the whole self-correction conversation
     after it as the completion, and the final attempt's advantage; and SCoRe's table rows, one column per attempt.
     `corrections[t][i]`: row i's correction turn after attempt t."""
-    after_prompt = answered_conversations([[] for _ in prompts], texts, corrections, trainer.num_attempts - 1)
-    conversations = [[*turns, *as_completion(last)] for turns, last in zip(after_prompt, texts[-1], strict=True)]
+    if is_plain(prompts):  # the continuation as one string: y1, the correction turn's text, y2, ...
+        after_prompt = answered_conversations(["" for _ in prompts], texts, corrections, trainer.num_attempts - 1,
+                                              trainer.args.plain_correction_format)  # fmt: skip
+        conversations = [turns + last for turns, last in zip(after_prompt, texts[-1], strict=True)]
+    else:
+        after_prompt = answered_conversations([[] for _ in prompts], texts, corrections, trainer.num_attempts - 1)
+        conversations = [[*turns, *as_completion(last)] for turns, last in zip(after_prompt, texts[-1], strict=True)]
     trainer._logs["prompt"].extend(gather_object(prompts))
     trainer._logs["completion"].extend(gather_object(conversations))
     trainer._logs["advantages"].extend(advantages[:, -1].tolist())
     logs = trainer._attempt_logs
-    logs["prompt"].extend(gather_object([p[-1]["content"] for p in prompts]))
+    logs["prompt"].extend(gather_object([p if isinstance(p, str) else p[-1]["content"] for p in prompts]))
     for t in range(trainer.num_attempts):
         logs[f"attempt_{t + 1}"].extend(gather_object(texts[t]))
         logs[f"reward_{t + 1}"].extend(rewards[:, t].tolist())

@@ -106,7 +106,7 @@ def reward_call(rows: list[dict], completions: list[str], state: TrainerState | 
     columns = [key for key in rows[0] if key not in ("prompt", "completion", "completion_ids")]
     return {
         "prompts": [row["prompt"] for row in rows],
-        "completions": [as_completion(text) for text in completions],
+        "completions": [as_completion(text, isinstance(rows[0]["prompt"], str)) for text in completions],
         "completion_ids": [[] for _ in rows],
         **{key: [row.get(key) for row in rows] for key in columns},
         "trainer_state": state or TrainerState(),

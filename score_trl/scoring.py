@@ -6,15 +6,33 @@ from collections.abc import Callable
 
 import torch
 
-
-def as_completion(text: str) -> list[dict]:
-    """A completion as TRL passes conversational completions to reward functions."""
-    return [{"role": "assistant", "content": text}]
+from .config import PLAIN_CORRECTION_FORMAT
 
 
-def answered_conversations(prompts: list, texts: list[list[str]], corrections: list[list[str]], t: int) -> list:
+def as_completion(text: str, plain: bool = False) -> list[dict] | str:
+    """A completion as TRL passes it to reward functions: a chat message for conversational prompts, the text itself
+    for plain-text (standard) prompts."""
+    return text if plain else [{"role": "assistant", "content": text}]
+
+
+def is_plain(prompts: list) -> bool:
+    """Plain-text (standard) prompts: strings, as TRL's standard format; otherwise conversational."""
+    return bool(prompts) and isinstance(prompts[0], str)
+
+
+def answered_conversations(prompts: list, texts: list[list[str]], corrections: list[list[str]], t: int,
+                           plain_format: str = PLAIN_CORRECTION_FORMAT) -> list:  # fmt: skip
     """The conversation attempt `t` (0-based) answered: x, then y1 and the correction turn after it, ... up to attempt
-    t. `corrections[s][i]` is row i's correction turn after attempt s (its feedback and instruction)."""
+    t. `corrections[s][i]` is row i's correction turn after attempt s (its feedback and instruction). Plain-text
+    prompts answer a string: x + y1 + `plain_format` around the correction + y2 ..."""
+    if is_plain(prompts):
+        answered = list(prompts)
+        for s in range(t):
+            answered = [
+                p + text + plain_format.format(correction=correction)
+                for p, text, correction in zip(answered, texts[s], corrections[s], strict=True)
+            ]
+        return answered
     conversations = prompts
     for s in range(t):
         conversations = [
@@ -44,7 +62,7 @@ def score_texts(reward_funcs: list[Callable], conversations: list, texts: list[s
                 weights=None, clip_range=None) -> list[float | None]:  # fmt: skip
     """Rewards of plain-callable reward functions (TRL's signature) on `texts`, combined as in training; None where
     no function scored the row. `rows` give the reward's columns (every key but `prompt`)."""
-    completions = [as_completion(text) for text in texts]
+    completions = [as_completion(text, is_plain(conversations)) for text in texts]
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
     per_func = torch.tensor(
         [[_nan(v) for v in func(prompts=conversations, completions=completions, **columns)] for func in reward_funcs],

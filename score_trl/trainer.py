@@ -16,7 +16,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 from .checkpoints import last_complete_checkpoint
 from .config import SCoReConfig
 from .feedback import CorrectionTurns
-from .generation import first_attempts, one_generation_per_row, roll_out
+from .generation import cut_at_stop_strings, first_attempts, one_generation_per_row, roll_out, stops_in
 from .inputs import TRAINER_COLUMNS, check_inputs
 from .logprobs import per_token_logps
 from .logs import (
@@ -42,7 +42,7 @@ from .objective import (
 )
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 from .reward_checks import check_scorable, checked_reward_funcs, reward_errors_named
-from .scoring import answered_conversations, as_completion, combine_rewards, graded_answer
+from .scoring import answered_conversations, as_completion, combine_rewards, graded_answer, is_plain
 from .turns import instruction_for, training_layout, turn_masks
 
 
@@ -77,8 +77,10 @@ class SCoReTrainer(RLOOTrainer):
     turn and one second attempt y2 (and so on, up to `num_attempts`). A verifier (any TRL reward function) scores every
     attempt. See [`SCoReConfig`] for the two stages and how the KL enters.
 
-    Takes the same arguments as [`~trl.RLOOTrainer`], with `args` a [`SCoReConfig`]. Prompts must be conversational
-    (`[{"role": "user", "content": ...}]`) and the tokenizer must have a chat template and a pad token. Text only.
+    Takes the same arguments as [`~trl.RLOOTrainer`], with `args` a [`SCoReConfig`]. Prompts are conversational
+    (`[{"role": "user", "content": ...}]`: the correction is a user turn, the tokenizer needs a chat template) or
+    plain text (strings, for base models: the correction is appended as text, `plain_correction_format`, with
+    `stop_strings` to end attempts). The tokenizer needs a pad token. Text only.
     Inputs and reward functions are checked before the model loads (`score_trl.inputs`, `score_trl.reward_checks`).
 
     Hooks overridden, and why:
@@ -154,7 +156,7 @@ class SCoReTrainer(RLOOTrainer):
             )
 
         # Everything here fails before any model work: a bad dataset, reward or tokenizer should not cost a load.
-        processing_class, first, bridges = check_inputs(model, args, train_dataset, eval_dataset, processing_class)
+        processing_class, first = check_inputs(model, args, train_dataset, eval_dataset, processing_class)
         reward_funcs = checked_reward_funcs(reward_funcs, first, args.remove_unused_columns, args.reward_timeout)
 
         super().__init__(
@@ -175,9 +177,8 @@ class SCoReTrainer(RLOOTrainer):
         # The correction turn after each attempt: feedback on it (correction_feedback) and the instruction, as ids
         self._turns = CorrectionTurns(
             processing_class, args.chat_template_kwargs, args.feedback_function, args.feedback_max_tokens,
-            args.reward_timeout, args.correct_threshold,
+            args.reward_timeout, args.correct_threshold, args.plain_correction_format,
         )  # fmt: skip
-        self._turns._bridges.update(bridges)
         self._unscorable_streak = 0
         # Rows of the completions table, sized like RLOO's to the latest generation batch
         self._attempt_logs = defaultdict(lambda: deque(maxlen=args.generation_batch_size))
@@ -224,8 +225,11 @@ class SCoReTrainer(RLOOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
         # generation_weights="merged": RLOO's padded path, on a merged copy of the policy synced to this step
         if self.args.generation_weights == "policy":
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
-        return generate_merged(self, prompt_ids)
+            completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+        else:
+            completion_ids = generate_merged(self, prompt_ids)
+        # stop_strings (base models): each completion ends at the token that completes the first stop string
+        return cut_at_stop_strings(completion_ids, self.processing_class, self.args.stop_strings)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
         mode = "train" if self.model.training else "eval"
@@ -276,6 +280,7 @@ class SCoReTrainer(RLOOTrainer):
         (N_global, num_attempts), corrections[t] texts)."""
         prompt_ids, _, _ = self._tokenize_prompts(prompts)
         texts, scored, corrections = [], [], []
+        plain_format = self.args.plain_correction_format
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
 
         def generate(t, context_ids):
@@ -291,7 +296,7 @@ class SCoReTrainer(RLOOTrainer):
 
         def bridges_after(t, completion_ids):
             rewards = [None if math.isnan(r) else r for r in scored[t][local].tolist()]
-            conversations = answered_conversations(prompts, texts, corrections, t)
+            conversations = answered_conversations(prompts, texts, corrections, t, plain_format)
             where = f" on attempt {t + 1} at step {self.state.global_step}"
             text, bridges, feedback, cut = self._turns.after(inputs, instructions, conversations, texts[t],
                                                              completion_ids, rewards, where)  # fmt: skip
@@ -331,8 +336,13 @@ class SCoReTrainer(RLOOTrainer):
                                self.accelerator.device, truncated)  # fmt: skip
 
     def _is_truncated(self, completion_ids: list[list[int]]) -> list[bool]:
-        ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-        return [not ids or ids[-1] not in ends for ids in completion_ids]
+        # Finished: ended on EOS (or padding), or cut at a stop string
+        ends, stops = {*self.eos_token_ids, self._tokenizer.pad_token_id}, self.args.stop_strings
+        return [
+            not ids or (ids[-1] not in ends and not stops_in(self._tokenizer.decode(ids, skip_special_tokens=True),
+                                                             stops))
+            for ids in completion_ids
+        ]  # fmt: skip
 
     @property
     def _on_policy(self) -> bool:
@@ -361,8 +371,8 @@ class SCoReTrainer(RLOOTrainer):
     def _attempt_rewards(self, inputs, prompts, texts, completion_ids, corrections, t, mode) -> torch.Tensor:
         """Score attempt t with RLOO's reward machinery, combined as RLOO combines (`scoring.combine_rewards`);
         returns gathered (N_global,) rewards, NaN when unscorable."""
-        conversations = answered_conversations(prompts, texts, corrections, t)
-        completions = [as_completion(text) for text in texts[t]]
+        conversations = answered_conversations(prompts, texts, corrections, t, self.args.plain_correction_format)
+        completions = [as_completion(text, is_plain(prompts)) for text in texts[t]]
         with reward_logs_of_attempt(self, t + 1), reward_errors_named(self, inputs, texts[t], t + 1):
             per_func = self._calculate_rewards(inputs, conversations, completions, completion_ids)
         log_reward_functions(self, mode, t + 1, per_func)

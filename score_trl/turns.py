@@ -122,6 +122,20 @@ def find_turn_bridge(tokenizer, instruction: str, chat_template_kwargs: dict | N
     )
 
 
+def plain_bridge(tokenizer, text: str) -> TurnBridge:
+    """The correction turn of a plain-text (standard) prompt: `text` (the formatted correction, e.g. "\\n\\nFix
+    it.\\n\\n") tokenized on its own and appended after the sampled tokens, whatever they end with, so the sampled
+    ids stay as sampled. The boundary is a token boundary by construction: the ids must decode back to the text."""
+    ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if tokenizer.decode(ids) != text:
+        raise ValueError(
+            f"The tokenizer does not round-trip the plain correction turn {text!r} (it decodes to "
+            f"{tokenizer.decode(ids)!r}), so the appended tokens would not be that text. Change "
+            "plain_correction_format (e.g. start it with a newline) or the instruction."
+        )
+    return TurnBridge(close_ids=(), instruction_ids=ids)
+
+
 def instruction_for(row: dict, configured: str | None = None) -> str:
     """The correction instruction of a row, in training and evaluation alike: `configured` for every row when set
     (SCoReConfig.correction_instruction, score-eval's flag), else the row's `correction_instruction` column (set per

@@ -76,9 +76,19 @@ def test_missing_prompt_column(tmp_path, tiny_model_dir, tokenizer):
         build(tmp_path, tiny_model_dir, tokenizer, Dataset.from_dict({"question": ["a"] * 4}))
 
 
-def test_string_prompt_is_rejected(tmp_path, tiny_model_dir, tokenizer):
-    with pytest.raises(ValueError, match="'prompt' must be conversational"):
-        build(tmp_path, tiny_model_dir, tokenizer, Dataset.from_dict({"prompt": ["Say red."] * 4}))
+def test_plain_text_prompts_need_no_chat_template(tmp_path, tiny_model_dir, tokenizer):
+    # Strings are TRL's standard format (base models): the correction is appended as text, so no template is needed
+    tokenizer.chat_template = None
+    plain = Dataset.from_dict({"prompt": ["Say red."] * 4, "answer": ["red"] * 4})
+
+    def text_reward(completions, answer, **kwargs):  # plain-text prompts get string completions
+        return [float(a in c) for c, a in zip(completions, answer, strict=True)]
+
+    trainer = SCoReTrainer(tiny_model_dir, reward_funcs=text_reward, args=config(tmp_path), train_dataset=plain,
+                           processing_class=tokenizer)  # fmt: skip
+    assert trainer.train_dataset[0]["prompt"] == "Say red."
+    with pytest.raises(ValueError, match="'prompt' must be conversational .* or a string"):
+        build(tmp_path, tiny_model_dir, tokenizer, Dataset.from_dict({"prompt": [1] * 4, "answer": ["red"] * 4}))
 
 
 def test_system_message_with_gemma_template(tmp_path, tiny_model_dir, tokenizer):

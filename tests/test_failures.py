@@ -73,9 +73,9 @@ def test_dataset_smaller_than_a_generation_batch(tmp_path, tiny_model_dir, token
 
 
 def test_iterable_dataset_gets_the_same_checks(tmp_path, tiny_model_dir, tokenizer):
-    rows = [{"prompt": "What is 2 + 3?", "answer": "5"}] * 4
+    rows = [{"prompt": 42, "answer": "5"}] * 4  # neither messages nor text
     dataset = IterableDataset.from_generator(lambda: iter(rows))
-    with pytest.raises(ValueError, match=r"train_dataset row 1: 'prompt' must be conversational"):
+    with pytest.raises(ValueError, match=r"train_dataset row 1: 'prompt' must be conversational .* or a string"):
         build(tmp_path, tiny_model_dir, tokenizer, dataset=dataset)
 
 

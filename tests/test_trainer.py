@@ -8,6 +8,7 @@ from peft import LoraConfig
 from trl.trainer.utils import pad
 
 from score_trl import SCoReTrainer
+from score_trl.feedback import VERDICT_CORRECT, VERDICT_INCORRECT, correction_text
 from score_trl.stats import change_flags
 from score_trl.turns import instruction_for, next_attempt_prompts
 
@@ -61,8 +62,11 @@ def test_rollout_layout_keeps_sampled_first_attempt(tmp_path, tiny_model_dir, to
         assert list(logs[f"reward_{t}"]) == pytest.approx(rescored)
 
 
-@pytest.mark.parametrize("backend", ["generate", "static_cache", "merged"])
+@pytest.mark.parametrize("backend", ["generate", "static_cache", "merged", "feedback", "plain"])
 def test_turn_two_logps_match_generation_logits(tmp_path, tiny_model_dir, tokenizer, backend):
+    # feedback: each row's correction turn carries a different verdict or test report (built per row from ids);
+    # plain: plain-text prompts, the correction appended as text (`turns.plain_bridge`)
+    variant, backend = (backend, "generate") if backend in ("feedback", "plain") else (None, backend)
     temperature = 0.7
     trainer = make_trainer(
         tmp_path, tiny_model_dir, tokenizer, temperature=temperature, max_completion_length=10, **BACKENDS[backend]
@@ -72,13 +76,15 @@ def test_turn_two_logps_match_generation_logits(tmp_path, tiny_model_dir, tokeni
     model = trainer.model.eval()
     sampler = model
     questions = [toy_question("cat"), "Say red.", toy_question("green") + " " + toy_question("moon"), "Say one two."]
-    prompts = [[{"role": "user", "content": q}] for q in questions]
+    prompts = questions if variant == "plain" else [[{"role": "user", "content": q}] for q in questions]
     prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
     torch.manual_seed(1)
     y1 = trainer._generate_single_turn(prompt_ids, None, {})
     if backend == "merged":  # y1 came from the merged copy; y2 is sampled from it below
         sampler = trainer._merged.model
-    bridges = [trainer._turns.bridge(instruction_for({}))] * len(prompts)
+    feedback = [VERDICT_INCORRECT, VERDICT_CORRECT, None, "Your code failed this test:\nassert f(1) == 2"]
+    texts = [correction_text(instruction_for({}), f if variant == "feedback" else None) for f in feedback]
+    bridges = [trainer._turns.bridge(text, plain=variant == "plain") for text in texts]
     appended, turn_two_prompts = next_attempt_prompts(prompt_ids, y1, bridges)
     assert len({len(p) for p in turn_two_prompts}) > 1, "the test needs left padding"
 

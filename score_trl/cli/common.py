@@ -35,6 +35,15 @@ class DataArguments:
         metadata={"help": "System prompt; folded into the user turn when the chat template has no system role."},
     )
 
+    plain_prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Plain-text prompts for base models: each prompt is this text with {question} filled in (e.g. a "
+            "few-shot block ending in 'Answer:'), and the correction is appended as text (plain_correction_format). "
+            "Unset: conversational prompts with the task's wording."
+        },
+    )
+
     def adapter_kwargs(self, tokenizer) -> dict:
         """Keyword arguments of `load_score_dataset` / `to_score_rows` for these options."""
         return dict(
@@ -44,6 +53,7 @@ class DataArguments:
             answer_column=self.answer_column,
             system_prompt=self.system_prompt,
             tokenizer=tokenizer,
+            plain_template=self.plain_prompt_template,
         )
 
 

@@ -69,6 +69,13 @@ class EvalArguments(DataArguments, ModelSourceArguments):
     feedback_max_tokens: int | None = field(
         default=256, metadata={"help": "Feedback longer than this many tokens is cut, as in training."}
     )
+    plain_correction_format: str = field(
+        default="\n\n{correction}\n\n",
+        metadata={"help": "Plain-text prompts: the text after an attempt around {correction}, as in training."},
+    )
+    stop_strings: list[str] | None = field(
+        default=None, metadata={"help": "Strings that end an attempt (base models), cut as in training."}
+    )
     reward_funcs: list[str] | None = field(
         default=None, metadata={"help": "Reward names or dotted paths; the task's reward if unset."}
     )
@@ -123,11 +130,13 @@ def load_model(eval_args, model_args):
         from vllm import LLM
 
         llm = LLM(model=path, tokenizer=path, dtype=model_args.dtype or "auto", revision=model_args.model_revision)
-        return None, tokenizer, VLLMGenerator(llm, **sampling)
+        return None, tokenizer, VLLMGenerator(llm, stop_strings=eval_args.stop_strings, **sampling)
     model = load_for_generation(path, model_args.dtype, eval_args.adapter, quantization,
                                 model_args.attn_implementation, model_args.model_revision)  # fmt: skip
     continuous = backend == "continuous_batching"
-    return model, tokenizer, TransformersGenerator(model, tokenizer, continuous=continuous, **sampling)
+    generator = TransformersGenerator(model, tokenizer, continuous=continuous, stop_strings=eval_args.stop_strings,
+                                      **sampling)  # fmt: skip
+    return model, tokenizer, generator
 
 
 def main(eval_args, model_args):
@@ -162,6 +171,7 @@ def main(eval_args, model_args):
         reward_clip_range=tuple(eval_args.reward_clip_range) if eval_args.reward_clip_range else None,
         correction_feedback=eval_args.correction_feedback,
         feedback_max_tokens=eval_args.feedback_max_tokens,
+        plain_correction_format=eval_args.plain_correction_format,
     )
     label = eval_args.label or Path(eval_args.adapter or model_args.model_name_or_path or eval_args.gguf_file).name
     paths = write_report(summary, output_dir, label)
