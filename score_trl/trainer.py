@@ -44,6 +44,7 @@ from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 from .reward_checks import check_scorable, checked_reward_funcs, reward_errors_named
 from .scoring import answered_conversations, as_completion, combine_rewards, graded_answer, is_plain
 from .turns import instruction_for, training_layout, turn_masks
+from .vllm_sync import use_reload_sync_on_cpu
 
 
 class SCoReTrainer(RLOOTrainer):
@@ -172,6 +173,8 @@ class SCoReTrainer(RLOOTrainer):
             self.generation_config.disable_compile = False
         if args.generation_weights == "merged":
             check_merged_generation(self)
+        if args.use_vllm:  # a colocated engine on CPU syncs through vLLM's reload path (`score_trl.vllm_sync`)
+            use_reload_sync_on_cpu(self)
         self._merged = None
         self._graded_answer = graded_answer(self.reward_funcs)  # "answer changed" reads what the reward grades
         # The correction turn after each attempt: feedback on it (correction_feedback) and the instruction, as ids

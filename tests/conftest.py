@@ -59,7 +59,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_model(tokenizer) -> Gemma2ForCausalLM:
+def build_model(tokenizer, head_dim: int = 16) -> Gemma2ForCausalLM:
     torch.manual_seed(0)
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     config = Gemma2Config(
@@ -69,7 +69,7 @@ def build_model(tokenizer) -> Gemma2ForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=2048,
         sliding_window=512,
         pad_token_id=tokenizer.pad_token_id,
