@@ -102,7 +102,10 @@ class SCoReTrainer(RLOOTrainer):
       stops it after the step in progress with a checkpoint on every rank and `preempted_at` set; the entry point ends
       the process with status 75 (`score_trl.checkpoints`, `score_trl.preemption`).
     - `_generate_single_turn`: RLOO's, unless `generation_weights="merged"`, which samples with padded `generate` from
-      a merged copy of the LoRA policy synced after every optimizer step (`score_trl.merged_generation`).
+      a merged copy of the LoRA policy synced after every optimizer step (`score_trl.merged_generation`); with
+      `stop_strings`, each completion is cut at the token that completes the first one.
+    - `vllm_generation.sync_weights` (an attribute, not a method): a colocated vLLM engine on CPU is synced through
+      vLLM's reload path, where TRL's per-parameter push fails on repacked weights (`score_trl.vllm_sync`).
 
     Everything else (reference model, PEFT adapter disabling, samplers, buffering across `steps_per_generation` and
     `num_iterations`, checkpointing, metric reduction) is RLOO's. The stage is a function of `state.global_step`, so
