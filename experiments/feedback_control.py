@@ -11,12 +11,14 @@ folder) and with a verdict (its `feedback_verdict/`):
   another seed's training would come out).
 """
 
-import json
 from pathlib import Path
 
 from score_trl.config import CORRECT_THRESHOLD
 from score_trl.evaluation import read_records
+from score_trl.feedback import VERDICT_INCORRECT
 from score_trl.stats import mcnemar_exact, stratified_bootstrap, t_interval
+
+from .pooled import training_cost
 
 
 ARMS = ("base", "rloo", "score_verdict")
@@ -34,7 +36,7 @@ def row_stats(records: list[dict]) -> dict:
     n = len(pairs)
     i2c = sum(not a and b for a, b in pairs)
     c2i = sum(a and not b for a, b in pairs)
-    told = [r.get("feedback_1") == "Your answer is incorrect." for r in records]
+    told = [r.get("feedback_1") == VERDICT_INCORRECT for r in records]
     return {
         "n": n,
         "acc1": sum(a for a, _ in pairs) / n,
@@ -46,23 +48,6 @@ def row_stats(records: list[dict]) -> dict:
         "told": sum(told) / n if "feedback_1" in records[0] else None,
         "per_problem": [float(b) - float(a) for a, b in pairs],
     }
-
-
-def training_cost(folder: Path) -> dict | None:
-    """Tokens the arm sampled and prompts it saw in training, from its log_history.json and run.json: per step, the
-    rows times the mean completion length of each attempt (SCoRe's `turn{t}/completions/mean_length`, RLOO's
-    `completions/mean_length`), and rows / num_generations prompts."""
-    history_file, run_file = folder / "log_history.json", folder / "run.json"
-    if not history_file.is_file():
-        return None
-    training = json.loads(run_file.read_text())["settings"]["training"]
-    rows, generations = training["per_device_train_batch_size"], training["num_generations"]
-    steps = [h for h in json.loads(history_file.read_text()) if "loss" in h]
-    sampled = 0.0
-    for h in steps:
-        attempts = [h[k] for k in sorted(h) if k.startswith("turn") and k.endswith("/completions/mean_length")]
-        sampled += rows * sum(attempts or [h["completions/mean_length"]])
-    return {"sampled_tokens": round(sampled), "prompts": len(steps) * rows // generations, "steps": len(steps)}
 
 
 def load(output: Path) -> dict:

@@ -17,7 +17,6 @@ sandbox, let alone the message. A user function is responsible for its own text.
 
 import ast
 import doctest
-import importlib
 import math
 import secrets
 from collections.abc import Callable
@@ -152,18 +151,19 @@ def resolve_feedback(spec, threshold: float = CORRECT_THRESHOLD) -> tuple[str, C
         return "verdict", partial(verdict_feedback, threshold=threshold)
     if spec == "tests":
         return "tests", visible_tests_feedback
-    module_name, sep, attr = spec.rpartition(":") if ":" in spec else spec.rpartition(".")
-    if not sep or not module_name:
+    from .rewards import import_function  # loaded by dotted path as reward functions are
+
+    try:
+        func = import_function(spec)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"correction_feedback={spec!r}: cannot load the function: {err}") from err
+    except TypeError as err:
+        raise ValueError(f"correction_feedback={spec!r} is not callable.") from err
+    if func is None:
         raise ValueError(
             f"correction_feedback={spec!r}: use one of {list(FEEDBACK_MODES)} or a dotted path to a function with "
             "the reward signature that returns one string (or None) per row, e.g. 'my_package.judges.judge'."
         )
-    try:
-        func = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"correction_feedback={spec!r}: cannot load the function: {err}") from err
-    if not callable(func):
-        raise ValueError(f"correction_feedback={spec!r} is not callable.")
     return spec, func
 
 

@@ -90,13 +90,16 @@ def cut_at_stop_strings(rows: list[list[int]], tokenizer, stop_strings) -> list[
         return rows
     out = []
     for row in rows:
-        text = tokenizer.decode(row, skip_special_tokens=True)
-        if not any(stop in text for stop in stop_strings):
+        if not stops_in(tokenizer.decode(row, skip_special_tokens=True), stop_strings):
             out.append(row)
             continue
-        end = next(k for k in range(1, len(row) + 1) if stops_in(tokenizer.decode(row[:k], skip_special_tokens=True),
-                                                                  stop_strings))  # fmt: skip
-        out.append(row[:end])
+        # A prefix that holds a stop string stays holding it, so the shortest one is found by bisection
+        low, high = 1, len(row)
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if stops_in(tokenizer.decode(row[:mid], skip_special_tokens=True),
+                                               stop_strings) else (mid + 1, high)  # fmt: skip
+        out.append(row[:low])
     return out
 
 

@@ -380,6 +380,19 @@ REWARD_FUNCS = {
 }
 
 
+def import_function(path: str):
+    """The callable a dotted path names (`my_package.module.name` or `my_package.module:name`, as TRL's scripts name
+    reward functions); None when the path has no module part. Raises ImportError or AttributeError when it does not
+    load, TypeError when what it names is not callable."""
+    module_name, sep, attr = path.rpartition(":") if ":" in path else path.rpartition(".")
+    if not sep or not module_name:
+        return None
+    func = getattr(importlib.import_module(module_name), attr)
+    if not callable(func):
+        raise TypeError(f"{path!r} is not callable")
+    return func
+
+
 def get_reward_funcs(names) -> list:
     """Rewards by registry name (`math`, `math_strict`, `exact_match`, `numeric`, `code`, `task`) or by dotted path to
     a user function (`my_package.rewards.my_reward` or `my_package.rewards:my_reward`), as in TRL's scripts."""
@@ -388,18 +401,17 @@ def get_reward_funcs(names) -> list:
         if name in REWARD_FUNCS:
             funcs.append(REWARD_FUNCS[name])
             continue
-        module_name, sep, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
-        if not sep or not module_name:
+        try:
+            func = import_function(name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"Cannot load reward {name!r}: {err}") from err
+        except TypeError as err:
+            raise ValueError(f"Reward {name!r} is not callable.") from err
+        if func is None:
             raise ValueError(
                 f"Unknown reward {name!r}: use one of {sorted(REWARD_FUNCS)} or a dotted path such as "
                 "'my_package.rewards.my_reward'."
             )
-        try:
-            func = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"Cannot load reward {name!r}: {err}") from err
-        if not callable(func):
-            raise ValueError(f"Reward {name!r} is not callable.")
         funcs.append(func)
     return funcs
 

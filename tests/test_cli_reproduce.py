@@ -116,6 +116,14 @@ def test_transfer_set_asks_the_test_facts_in_other_words():
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes" / "reproduce"
 
 
+def flat(setup) -> dict:
+    """Every setting of a parsed reproduction recipe in one mapping, to compare two recipes."""
+    from dataclasses import asdict
+
+    training = {k: v for k, v in setup.training.to_dict().items() if k not in ("logging_dir",)}
+    return asdict(setup.args) | asdict(setup.script) | training | asdict(setup.model)
+
+
 @pytest.mark.parametrize("recipe", ["smollm2_cpu.yaml", "gpu.yaml", "gemma3_270m_cpu.yaml"])
 def test_reproduction_recipes_parse(recipe):
     from experiments.reproduce import ARMS, parse_args
@@ -133,13 +141,7 @@ def test_reproduction_recipes_parse(recipe):
 
 def test_second_model_recipe_differs_from_smollm2s_only_in_model_temperature_and_folders():
     """Gemma 3 270M gets the same task, splits, budget and SCoRe settings as SmolLM2, so the two are comparable."""
-    from dataclasses import asdict
-
     from experiments.reproduce import parse_args
-
-    def flat(setup):
-        training = {k: v for k, v in setup.training.to_dict().items() if k not in ("logging_dir",)}
-        return asdict(setup.args) | asdict(setup.script) | training | asdict(setup.model)
 
     smollm2 = flat(parse_args([str(RECIPES_DIR / "smollm2_cpu.yaml")]))
     gemma = flat(parse_args([str(RECIPES_DIR / "gemma3_270m_cpu.yaml")]))
@@ -244,13 +246,7 @@ def test_continuation_arms_start_from_the_rloo_adapter_merged(tiny_model_dir, to
 
 
 def test_feedback_recipe_differs_from_the_reproductions_only_in_arms_evaluation_and_folders():
-    from dataclasses import asdict
-
     from experiments.reproduce import parse_args
-
-    def flat(setup):
-        training = {k: v for k, v in setup.training.to_dict().items() if k not in ("logging_dir",)}
-        return asdict(setup.args) | asdict(setup.script) | training | asdict(setup.model)
 
     smollm2 = flat(parse_args([str(RECIPES_DIR / "smollm2_cpu.yaml")]))
     control = flat(parse_args([str(RECIPES_DIR / "smollm2_feedback.yaml")]))
