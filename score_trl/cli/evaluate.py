@@ -45,6 +45,10 @@ class EvalArguments(DataArguments, ModelSourceArguments):
             "vllm, continuous_batching or generate."
         },
     )
+    vllm_enforce_eager: bool = field(
+        default=False,
+        metadata={"help": "vLLM backend: no compiled graphs (starts in seconds; compiling takes minutes on CPU)."},
+    )
     batch_size: int = field(default=8, metadata={"help": "Problems per generation batch (and per JSONL flush)."})
     max_new_tokens: int = field(default=512, metadata={"help": "Max new tokens per attempt."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
@@ -129,7 +133,8 @@ def load_model(eval_args, model_args):
             raise ValueError("The vLLM backend takes no adapter here: merge it first, or use backend: generate.")
         from vllm import LLM
 
-        llm = LLM(model=path, tokenizer=path, dtype=model_args.dtype or "auto", revision=model_args.model_revision)
+        llm = LLM(model=path, tokenizer=path, dtype=model_args.dtype or "auto", revision=model_args.model_revision,
+                  enforce_eager=eval_args.vllm_enforce_eager)  # fmt: skip
         return None, tokenizer, VLLMGenerator(llm, stop_strings=eval_args.stop_strings, **sampling)
     model = load_for_generation(path, model_args.dtype, eval_args.adapter, quantization,
                                 model_args.attn_implementation, model_args.model_revision)  # fmt: skip
