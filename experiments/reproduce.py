@@ -160,8 +160,10 @@ def load(setup: Setup):
             n_validation=args.n_validation,
             limit=args.n_transfer,
         )
+    plain = script.plain_prompt_template  # base models: plain-text prompts instead of a chat template
     data = {
-        name: load_score_dataset(str(file), task="arithmetic", tokenizer=tokenizer) for name, file in files.items()
+        name: load_score_dataset(str(file), task="arithmetic", tokenizer=tokenizer, plain_template=plain)
+        for name, file in files.items()
     }
     return path, tokenizer, data
 
@@ -214,7 +216,24 @@ def arm_config(arm: str, setup: Setup, seed: int):
         return config, SCoReTrainer
     shared = {name: getattr(config, name) for name in RLOO_SHARED}
     rows = 2 * config.per_device_train_batch_size
-    return RLOOConfig(output_dir=config.output_dir, per_device_train_batch_size=rows, **shared), RLOOTrainer
+    rloo = stop_string_rloo(config.stop_strings) if config.stop_strings else RLOOTrainer
+    return RLOOConfig(output_dir=config.output_dir, per_device_train_batch_size=rows, **shared), rloo
+
+
+def stop_string_rloo(stop_strings: list[str]):
+    """TRL's RLOOTrainer with each completion cut where SCoReTrainer cuts an attempt (`cut_at_stop_strings`): the
+    same stop rule for every arm of a base-model run. RLOOTrainer passes no tokenizer to `generate`, so transformers'
+    own `stop_strings` cannot run there; this is its generation hook plus the cut, nothing else."""
+    from trl import RLOOTrainer
+
+    from score_trl.generation import cut_at_stop_strings
+
+    class StopStringRLOOTrainer(RLOOTrainer):
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+            completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+            return cut_at_stop_strings(completion_ids, self.processing_class, stop_strings)
+
+    return StopStringRLOOTrainer
 
 
 def train_arm(arm: str, setup: Setup, seed: int, start: str, tokenizer, train_dataset, reward):
@@ -258,7 +277,8 @@ def run_arm(arm: str, setup: Setup, seed: int, path: str, tokenizer, data: dict)
         shutil.rmtree(work / "merged", ignore_errors=True)  # a retrained rloo arm: its continuations rebuild it
         (out / "log_history.json").write_text(json.dumps(log_history, indent=1))
     trained = time.time()
-    generator = TransformersGenerator(model, tokenizer, max_new_tokens=setup.script.eval_max_new_tokens)
+    generator = TransformersGenerator(model, tokenizer, max_new_tokens=setup.script.eval_max_new_tokens,
+                                      stop_strings=setup.training.stop_strings)  # fmt: skip
     eval_seconds, summaries = {}, {}
     for mode in args.eval_feedback:  # none first: the arm's own folder, then feedback_<mode>/
         started_eval = time.time()
@@ -313,6 +333,7 @@ def evaluate_into(out: Path, generator, tokenizer, dataset, reward, setup: Setup
         batch_size=setup.args.eval_batch_size,
         progress=False,
         correction_feedback=feedback,
+        plain_correction_format=setup.training.plain_correction_format,  # used only with plain-text prompts
     )
     if out.name == "transfer" or feedback != "none":
         (out / "summary.json").write_text(json.dumps({"label": label, **summary}, indent=2))

@@ -113,7 +113,8 @@ def test_transfer_set_asks_the_test_facts_in_other_words():
         assert all(str(x) in text or WORDS[x] in text for x in (a, b)), row
 
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes" / "reproduce"
+REPO = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO / "recipes" / "reproduce"
 
 
 def flat(setup) -> dict:
@@ -124,13 +125,13 @@ def flat(setup) -> dict:
     return asdict(setup.args) | asdict(setup.script) | training | asdict(setup.model)
 
 
-@pytest.mark.parametrize("recipe", ["smollm2_cpu.yaml", "gpu.yaml", "gemma3_270m_cpu.yaml"])
+@pytest.mark.parametrize("recipe", ["smollm2_cpu.yaml", "gpu.yaml", "gemma3_270m_cpu.yaml", "gemma3_270m_plain.yaml"])
 def test_reproduction_recipes_parse(recipe):
     from experiments.reproduce import ARMS, parse_args
 
     setup = parse_args([str(RECIPES_DIR / recipe)])
     args, training = setup.args, setup.training
-    arms = ARMS if recipe != "gemma3_270m_cpu.yaml" else ("base", "rloo", "score")  # the second model's minimum
+    arms = ("base", "rloo", "score") if recipe.startswith("gemma3") else ARMS  # the second model's minimum
     assert args.arms[:3] == ["base", "rloo", "score"] and set(args.arms) == set(arms) and len(args.seeds) >= 3
     if "rloo_then_score" in args.arms:
         assert args.arms.index("rloo") < args.arms.index("rloo_then_score")  # the continuation arms start from rloo
@@ -148,6 +149,49 @@ def test_second_model_recipe_differs_from_smollm2s_only_in_model_temperature_and
     differing = {key for key in smollm2 if smollm2[key] != gemma[key]}
     assert differing <= {"gguf_file", "chat_template", "temperature", "arms", "results_dir", "work_dir"}, differing
     assert gemma["results_dir"] != smollm2["results_dir"] and gemma["work_dir"] != smollm2["work_dir"]
+
+
+def test_plain_prompt_recipe_differs_from_the_chat_one_only_in_the_prompt_format_and_folders():
+    """The base-model rerun of Gemma 3 270M changes how the turns are written, nothing about the task or training;
+    its few-shot prompt is the one the validation probe chose, with the probe's stop rule."""
+    from experiments.reproduce import parse_args
+
+    chat = flat(parse_args([str(RECIPES_DIR / "gemma3_270m_cpu.yaml")]))
+    plain = flat(parse_args([str(RECIPES_DIR / "gemma3_270m_plain.yaml")]))
+    differing = {key for key in chat if chat[key] != plain[key]}
+    assert differing == {"chat_template", "plain_prompt_template", "plain_correction_format", "stop_strings",
+                         "results_dir", "work_dir"}, differing  # fmt: skip
+    probe = json.loads((REPO / "docs/results/gemma3_270m/validation/plain_prompts.json").read_text())
+    assert plain["plain_prompt_template"] == probe["best"]["template"]
+    assert plain["stop_strings"] == probe["stop_strings"]
+    assert plain["chat_template"] is None and "{correction}" in plain["plain_correction_format"]
+
+
+def test_rloo_arm_cuts_completions_at_the_stop_strings_as_score_does(tiny_model_dir, tokenizer, tmp_path):
+    """Base-model runs: the rloo arm's completions end where SCoReTrainer would end an attempt, token for token."""
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    from experiments.reproduce import stop_string_rloo
+    from score_trl.generation import cut_at_stop_strings
+
+    from conftest import letter_reward
+
+    prompts = ["the cat sat on the", "the green tree"]
+    config = RLOOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                        max_completion_length=8, use_cpu=True, report_to="none", seed=0)  # fmt: skip
+    dataset = Dataset.from_dict({"prompt": prompts})
+    make = lambda cls: cls(model=tiny_model_dir, reward_funcs=letter_reward, args=config,  # noqa: E731
+                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    torch.manual_seed(0)
+    full = make(RLOOTrainer)._generate_single_turn(prompt_ids, None, {})
+    stop = tokenizer.decode(full[0][2:3])  # a token this model samples: its text is the stop string
+    assert stop.strip()
+    torch.manual_seed(0)
+    cut = make(stop_string_rloo([stop]))._generate_single_turn(prompt_ids, None, {})
+    assert cut == cut_at_stop_strings(full, tokenizer, [stop])
+    assert len(cut[0]) <= 3 < len(full[0])  # the first row was cut at (or before) that token
 
 
 def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
