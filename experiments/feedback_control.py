@@ -3,7 +3,8 @@ a verdict in its correction turn? Read from the records each arm's evaluations w
 folder) and with a verdict (its `feedback_verdict/`):
 
 - the per-seed table first: accuracies, Δ, the i→c and c→i counts with an exact McNemar test, the share told
-  "incorrect", and per arm the tokens it sampled and the prompts it saw in training (from its log_history.json);
+  "incorrect" and how many of those changed their answer (does the model act on the verdict at all?), and per arm
+  the tokens it sampled and the prompts it saw in training (from its log_history.json);
 - the targets, per seed: score_verdict's Δ with feedback above base's and rloo's, McNemar p < 0.05 with more i→c than
   c→i, and its c→i no higher than base's;
 - pooled over seeds: the mean of the per-seed values with a t-interval over seeds, and beside it a paired per-problem
@@ -16,6 +17,7 @@ from pathlib import Path
 from score_trl.config import CORRECT_THRESHOLD
 from score_trl.evaluation import read_records
 from score_trl.feedback import VERDICT_INCORRECT
+from score_trl.rewards import last_number
 from score_trl.stats import mcnemar_exact, stratified_bootstrap, t_interval
 
 from .pooled import training_cost
@@ -37,6 +39,9 @@ def row_stats(records: list[dict]) -> dict:
     i2c = sum(not a and b for a, b in pairs)
     c2i = sum(a and not b for a, b in pairs)
     told = [r.get("feedback_1") == VERDICT_INCORRECT for r in records]
+    # The arithmetic reward grades the last number, so "changed its answer" reads that (as scoring.graded_answer does)
+    acted = sum(last_number(r["attempt_1"]) != last_number(r["attempt_2"])
+                for r, t in zip(records, told, strict=True) if t)  # fmt: skip
     return {
         "n": n,
         "acc1": sum(a for a, _ in pairs) / n,
@@ -46,6 +51,7 @@ def row_stats(records: list[dict]) -> dict:
         "c2i": c2i,
         "p": mcnemar_exact(i2c, c2i),
         "told": sum(told) / n if "feedback_1" in records[0] else None,
+        "acted": (acted, sum(told)),
         "per_problem": [float(b) - float(a) for a, b in pairs],
     }
 
@@ -82,7 +88,8 @@ def report(output: Path) -> str:
               "attempts, test split; every model evaluated without feedback and with a verdict.", ""]  # fmt: skip
     lines += ["## Per seed", ""]
     lines += ["| seed | arm | evaluated with | Acc@t1 | Acc@t2 | Δ | i→c | c→i | McNemar p | told incorrect | "
-              "sampled tokens | prompts |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "of those, answer changed | sampled tokens | prompts |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for seed in seeds:
         for arm in ARMS:
             key_seed = None if arm == "base" else seed
@@ -92,9 +99,10 @@ def report(output: Path) -> str:
                 if s is None:
                     continue
                 told = "–" if s["told"] is None else pct(s["told"])
+                acted = "–" if s["told"] is None else f"{s['acted'][0]} of {s['acted'][1]}"
                 spent = ("–", "–") if not cost else (f"{cost['sampled_tokens']:,}", str(cost["prompts"]))
                 cells = [seed, arm, mode, pct(s["acc1"]), pct(s["acc2"]), signed(s["delta"]), s["i2c"], s["c2i"],
-                         f"{s['p']:.3g}", told, *spent]  # fmt: skip
+                         f"{s['p']:.3g}", told, acted, *spent]  # fmt: skip
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "base is not trained: its one evaluation stands in every seed's rows.", ""]
     lines += ["## Targets, per seed (evaluated with the verdict)", ""]

@@ -331,5 +331,11 @@ def test_feedback_control_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path)
     assert all("self_correction/told_incorrect" in h for h in history if "loss" in h)
     found = load(output)
     assert found[("score_verdict", 0, "cost")]["prompts"] == 2 * 4 // 2  # 2 steps x 4 rows / 2 generations
+    told = [json.loads(line) for line in (output / "base/feedback_verdict/records.jsonl").read_text().splitlines()]
+    incorrect = [r for r in told if r["feedback_1"] == "Your answer is incorrect."]
+    acted = sum(last_number(r["attempt_1"]) != last_number(r["attempt_2"]) for r in incorrect)
+    assert found[("base", None, "verdict")]["acted"] == (acted, len(incorrect))
+    assert found[("base", None, "none")]["told"] is None
     table = (output / "results.md").read_text()
     assert "| 0 | score_verdict | verdict |" in table and "## Targets, per seed" in table and "t over seeds" in table
+    assert f"| {acted} of {len(incorrect)} |" in table
