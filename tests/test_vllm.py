@@ -218,3 +218,23 @@ def test_benchmark_runs_on_vllm_and_counts_the_prefix_reuse(tmp_path, tiny_llama
     assert cache["SCoRe [vllm]"]["generate attempt 2"] > 0
     assert cache["SCoRe [vllm_no_prefix_reuse]"]["generate attempt 2"] == 0
     assert "ratio SCoRe/RLOO [vllm]" in {f"ratio {name}" for name in result["ratios"]}
+
+
+@pytest.mark.parametrize(("model", "reused"), [("tiny_llama_dir", True), ("tiny_model_dir", False)],
+                         ids=["llama_full_attention", "gemma2_sliding_window"])  # fmt: skip
+def test_blocks_sampled_in_attempt_one_are_reused_only_without_sliding_window(tmp_path, tokenizer, request, model,
+                                                                              reused):  # fmt: skip
+    """What attempt 2 can take from the cache beyond the question: the blocks filled while attempt 1 was sampled. vLLM
+    (0.31) reuses them for a full-attention model; for Gemma 2 (sliding-window layers) it keeps cache entries only at
+    prompt boundaries, so none of them is reused (docs/benchmarks.md, vLLM on CPU)."""
+    trainer = make_trainer(tmp_path, request.getfixturevalue(model), tokenizer, max_completion_length=6, **VLLM)
+    llm = trainer.vllm_generation.llm
+    block = llm.llm_engine.vllm_config.cache_config.block_size
+    prompt = tokenizer("the cat sat on the green tree " * 4, add_special_tokens=False)["input_ids"]
+    assert len(prompt) < block  # no whole block of prompt: anything cached below was filled while sampling
+    sampled = block + 64
+    params = SamplingParams(max_tokens=sampled, min_tokens=sampled, temperature=1.0)
+    (first,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+    extended = prompt + list(first.outputs[0].token_ids) + prompt[:5]  # attempt 2's shape: x, y1, the next turn
+    (second,) = llm.generate([TokensPrompt(prompt_token_ids=extended)], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert second.num_cached_tokens == (block if reused else 0)
