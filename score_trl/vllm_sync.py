@@ -28,10 +28,8 @@ def reload_sync(generation) -> None:
     generation.llm.reset_prefix_cache()
 
 
-def use_reload_sync_on_cpu(trainer) -> bool:
-    """Give a colocated vLLM engine on CPU the reload sync (`reload_sync`); True when it was installed."""
+def use_reload_sync_on_cpu(trainer) -> None:
+    """Give a colocated vLLM engine on CPU the reload sync (`reload_sync`); anything else keeps TRL's sync."""
     generation = getattr(trainer, "vllm_generation", None)
-    if generation is None or generation.mode != "colocate" or not vllm_runs_on_cpu():
-        return False
-    generation.sync_weights = functools.partial(reload_sync, generation)
-    return True
+    if generation is not None and generation.mode == "colocate" and vllm_runs_on_cpu():
+        generation.sync_weights = functools.partial(reload_sync, generation)

