@@ -30,13 +30,15 @@ results.md (per seed, pooled over seeds with two-level bootstrap intervals, pair
 transfer set; `experiments.pooled`), curves.png (training reward, and how often the second attempt changes its text
 and its answer, against step; mean over seeds) and comparison.png (the first seed's table). Each chosen arm is run
 afresh, replacing its old results; with `--resume true` an arm (and seed) whose summary.json exists is kept, so a
-stopped run continues.
+stopped run continues. SIGTERM (or SIGUSR1) during training saves a checkpoint after the step in progress and ends
+the run with status 75, unevaluated; `--resume true` then continues that arm from its checkpoint.
 """
 
 import dataclasses
 import json
 import platform
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,7 +82,10 @@ class ReproduceArguments:
     work_dir: str = field(default="outputs/reproduce", metadata={"help": "Generated data and trained adapters."})
     resume: bool = field(
         default=False,
-        metadata={"help": "Keep arms that already have a summary.json in results_dir (continue a stopped run)."},
+        metadata={
+            "help": "Continue a stopped run: keep arms that already have a summary.json in results_dir, and resume an "
+            "arm whose training a preemption signal stopped from its newest complete checkpoint in work_dir."
+        },
     )
     eval_split: str = field(
         default="test",
@@ -238,10 +243,20 @@ def stop_string_rloo(stop_strings: list[str]):
 
 def train_arm(arm: str, setup: Setup, seed: int, start: str, tokenizer, train_dataset, reward):
     """Train one arm for one seed from the model at `start`; returns its trainer (the trained PEFT model is
-    trainer.model)."""
+    trainer.model). A preemption signal (`preemption_signals`, SIGTERM by default) saves a checkpoint after the step
+    in progress and ends the process with status 75 before any evaluation; `--resume true` continues from the newest
+    complete checkpoint in the arm's work folder. Without resuming, an arm starts afresh and old checkpoints go."""
     from trl import get_peft_config
 
+    from score_trl.checkpoints import last_complete_checkpoint
+    from score_trl.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
+
     config, trainer_class = arm_config(arm, setup, seed)
+    work = Path(config.output_dir)
+    resume = last_complete_checkpoint(work) if setup.args.resume else None
+    if resume is None:
+        for old in work.glob("checkpoint-*"):
+            shutil.rmtree(old)
     trainer = trainer_class(
         model=start,
         reward_funcs=[reward],
@@ -250,7 +265,18 @@ def train_arm(arm: str, setup: Setup, seed: int, start: str, tokenizer, train_da
         processing_class=tokenizer,
         peft_config=get_peft_config(setup.model),
     )
-    trainer.train()
+    signals = setup.training.preemption_signals
+    # SCoReTrainer adds this callback itself; the rloo arms (TRL's RLOOTrainer) get the same stop-and-save rule
+    callback = getattr(trainer, "_preemption", None) or (PreemptionCallback(signals) if signals else None)
+    if callback is not None and callback not in trainer.callback_handler.callbacks:
+        trainer.add_callback(callback)
+    if resume:
+        print(f"[reproduce] {arm} (seed {seed}): resuming from {resume}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
+    if callback is not None and callback.preempted_at is not None:
+        print(f"[reproduce] {arm} (seed {seed}): preempted, checkpoint-{callback.preempted_at} saved in {work}; "
+              "not evaluated. Rerun with --resume true to continue.", flush=True)  # fmt: skip
+        sys.exit(PREEMPTED_EXIT_CODE)
     return trainer
 
 

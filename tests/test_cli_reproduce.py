@@ -259,6 +259,57 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
         main(setup)
 
 
+@pytest.mark.parametrize("arm", ["score", "rloo"])
+def test_a_preempted_arm_saves_a_checkpoint_is_not_evaluated_and_resumes(arm, tiny_model_dir, tmp_path, monkeypatch):
+    """SIGTERM during training (sent for real, from inside the first reward call of step 1) ends the run with status
+    75 after the step in progress, with its checkpoint and no results; --resume true continues from that step; a rerun
+    without it starts afresh, dropping the old checkpoint."""
+    import functools
+    import os
+    import signal
+
+    import score_trl.rewards
+    from experiments.reproduce import main, parse_args
+    from score_trl.preemption import PREEMPTED_EXIT_CODE
+
+    pending = {"signal": True}
+
+    @functools.wraps(numeric_reward)
+    def signalling_reward(*args, **kwargs):
+        # once training has installed its handler (SCoReTrainer also calls the reward in a dry run at init)
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL and pending.pop("signal", False):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return numeric_reward(*args, **kwargs)
+
+    monkeypatch.setattr(score_trl.rewards, "numeric_reward", signalling_reward)
+    argv = [
+        str(RECIPES_DIR / "smollm2_cpu.yaml"),
+        "--model_name_or_path", tiny_model_dir, "--results_dir", str(tmp_path / "out"),
+        "--work_dir", str(tmp_path / "work"), "--max_steps", "2", "--stage_one_steps", "1",
+        "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
+        "--eval_max_new_tokens", "4", "--n_test", "6", "--n_validation", "6", "--n_transfer", "0",
+        "--eval_batch_size", "8", "--seeds", "0", "--arms", arm,
+    ]  # fmt: skip
+    setup = parse_args(argv)
+    setup.script.gguf_file = None
+    out, work = tmp_path / "out" / "seed0" / arm, tmp_path / "work" / "seed0" / arm
+    with pytest.raises(SystemExit) as stopped:
+        main(setup)
+    assert stopped.value.code == PREEMPTED_EXIT_CODE
+    assert not (out / "summary.json").exists() and not (out / "records.jsonl").exists()
+    assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-1"]
+
+    setup.args.resume = True
+    main(setup)
+    history = json.loads((out / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == [1, 2]  # step 1 from the first run, step 2 resumed
+    assert json.loads((out / "summary.json").read_text())["n"] == 6
+
+    setup.args.resume = False
+    main(setup)
+    assert not list(work.glob("checkpoint-*"))
+
+
 def test_continuation_arms_start_from_the_rloo_adapter_merged(tiny_model_dir, tokenizer, tmp_path):
     """W' = W + (lora_alpha / r) · B A in every adapted layer; the rest of the model unchanged."""
     from peft import LoraConfig, get_peft_model
