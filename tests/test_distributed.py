@@ -184,7 +184,7 @@ def test_a_feedback_failure_on_one_rank_ends_the_run_on_every_rank(tmp_path, tin
     # and the launcher ends the other rank instead of leaving it waiting in a collective
     output = tmp_path / "run"
     status, _, stderr = finish(launch(DDP, output, tiny_model_dir, output, "--correction_feedback",
-                                      "feedback_funcs.fail_on_rank_one", port=29531), timeout=300)  # fmt: skip
+                                      "feedback_funcs.fail_on_rank_one", port=29532), timeout=300)  # fmt: skip
     assert status != 0
     assert "feedback function 'feedback_funcs.fail_on_rank_one' failed on attempt 1 at step 0" in stderr
     assert "judge unreachable" in stderr
