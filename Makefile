@@ -48,10 +48,8 @@ RECIPE ?= recipes/reproduce/smollm2_cpu.yaml
 reproduce: install
 	$(PY) scripts/reproduce.py $(RECIPE) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(ARMS),--arms $(ARMS)) $(if $(RESUME),--resume true)
 
-# One worker per core (pytest-xdist), each test file on one worker so that its module fixtures run once; conftest.py
-# gives each worker its own cores
 test: install
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q
 
 # The vLLM tests (tests/test_vllm.py: colocate mode on CPU, eager, a 1 GiB KV cache); skipped by `make test`
 test-vllm: $(VLLM_VENV)/.installed

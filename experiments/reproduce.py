@@ -272,7 +272,11 @@ def train_arm(arm: str, setup: Setup, seed: int, start: str, tokenizer, train_da
         trainer.add_callback(callback)
     if resume:
         print(f"[reproduce] {arm} (seed {seed}): resuming from {resume}", flush=True)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if callback is not None:
+            callback.restore()  # on_train_end does not run when training raises
     if callback is not None and callback.preempted_at is not None:
         print(f"[reproduce] {arm} (seed {seed}): preempted, checkpoint-{callback.preempted_at} saved in {work}; "
               "not evaluated. Rerun with --resume true to continue.", flush=True)  # fmt: skip

@@ -51,6 +51,11 @@ class PreemptionCallback(TrainerCallback):
             self.preempted_at = state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self):
+        """Give back the handlers that were in place before training. Also called when `train()` raises (no
+        `on_train_end` then): a handler left behind would swallow every later SIGTERM of the process."""
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}

@@ -197,7 +197,8 @@ class SCoReTrainer(RLOOTrainer):
         *complete* checkpoint (`score_trl.checkpoints`), where transformers takes the newest folder even when a kill
         cut it short. After a preemption signal (`SCoReConfig.preemption_signals`) every rank saves the checkpoint of
         the last finished step and `train` returns early with `preempted_at` set to that step: the caller should end
-        the process with `PREEMPTED_EXIT_CODE` (75), as `score-train` does (`preemption.end_process`)."""
+        the process with `PREEMPTED_EXIT_CODE` (75), as `score-train` does (`preemption.end_process`). The signal
+        handlers in place before `train` are given back when it returns or raises."""
         if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "last":
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -205,7 +206,11 @@ class SCoReTrainer(RLOOTrainer):
                     f"No complete checkpoint in {self.args.output_dir} to resume from. Start without "
                     "resume_from_checkpoint, or point it at a checkpoint folder."
                 )
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        finally:
+            if self._preemption is not None:
+                self._preemption.restore()
         if self.preempted_at is not None:
             self.accelerator.print(
                 f"Preempted: checkpoint-{self.preempted_at} saved in {self.args.output_dir}; resume with "

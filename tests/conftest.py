@@ -17,19 +17,6 @@ from score_trl import MATH_CORRECTION_INSTRUCTION, SCoReConfig, SCoReTrainer
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
-def pytest_configure(config):
-    """Under pytest-xdist (`make test` runs one worker per core), each worker and every process it starts keep to
-    their own share of the cores: two torch processes on the same 2 cores oversubscribe them (idle intra-op threads
-    spin), which is slower than one core each."""
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    cpus = sorted(os.sched_getaffinity(0))
-    if worker and 1 < count <= len(cpus):
-        share = set(cpus[int(worker.removeprefix("gw")) :: count])
-        os.sched_setaffinity(0, share)
-        torch.set_num_threads(len(share))
-
-
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 # TRL ships Gemma's chat template (no system role, assistant content trimmed); read from the installed package.
 GEMMA_TEMPLATE = (Path(trl.__file__).parent / "chat_templates" / "gemma.jinja").read_text()

@@ -195,9 +195,9 @@ def test_rloo_arm_cuts_completions_at_the_stop_strings_as_score_does(tiny_model_
 
 
 def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
-    """Every arm trains (2 steps) for two seeds and is evaluated on the test and transfer sets; the continuation arms
-    start from the same seed's rloo model; the tables, curves and records come from files the run wrote, and a rerun
-    replaces the chosen arms unless resuming."""
+    """Every arm trains (2 steps) and is evaluated on the test and transfer sets, the rloo and score arms for a second
+    seed too; the continuation arms start from the same seed's rloo model; the tables, curves and records come from
+    files the run wrote, and a rerun replaces the chosen arms unless resuming."""
 
     from experiments.reproduce import ARMS, main, parse_args
 
@@ -207,15 +207,18 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
         "--work_dir", str(tmp_path / "work"), "--max_steps", "2", "--stage_one_steps", "1",
         "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
         "--eval_max_new_tokens", "4", "--n_test", "12", "--n_validation", "6", "--n_transfer", "8",
-        "--eval_batch_size", "8", "--seeds", "0", "1",
+        "--eval_batch_size", "8", "--seeds", "0",
     ]  # fmt: skip
     setup = parse_args(argv)
     setup.script.gguf_file = None
     args = setup.args
+    main(setup)
+    args.seeds, args.arms, args.resume = [1], ["base", "rloo", "score"], True  # the base model's evaluation is kept
     output = main(setup)
     work = tmp_path / "work"
-    for seed in (0, 1):
-        for arm in ARMS:
+    seed_arms = {0: ARMS, 1: ("base", "rloo", "score")}
+    for seed, arms in seed_arms.items():
+        for arm in arms:
             folder = output / "base" if arm == "base" else output / f"seed{seed}" / arm
             summary = json.loads((folder / "summary.json").read_text())
             assert summary["n"] == 12 and summary["num_attempts"] == 2
@@ -230,29 +233,31 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
                 assert (work / f"seed{seed}" / arm / "adapter" / "adapter_config.json").is_file()
                 history = json.loads((folder / "log_history.json").read_text())
                 assert [e["step"] for e in history if "loss" in e] == [1, 2]
-        # the continuation arms trained from the same seed's rloo model with its adapter merged
-        for arm in ("rloo_then_score", "rloo_2n"):
-            run = json.loads((output / f"seed{seed}" / arm / "run.json").read_text())
-            assert run["start_model"] == str(work / f"seed{seed}" / "rloo" / "merged")
+    # the continuation arms trained from the same seed's rloo model with its adapter merged
+    for arm in ("rloo_then_score", "rloo_2n"):
+        run = json.loads((output / "seed0" / arm / "run.json").read_text())
+        assert run["start_model"] == str(work / "seed0" / "rloo" / "merged")
     assert not (output / "seed1" / "base").exists()  # the untrained base is evaluated once
     history = json.loads((output / "seed0" / "score_no_stage1" / "log_history.json").read_text())
     stages = [e.get("stage") for e in history]
     assert 1.0 not in stages
     table = (output / "results.md").read_text()
-    assert "Seeds: [0, 1]" in table and "## Paired differences" in table and "## Transfer" in table
+    assert "Seeds: [0] (those every trained arm has finished)" in table  # seed 1 lacks five arms
+    assert "## Paired differences" in table and "## Transfer" in table
     assert all(f"| {arm} |" in table for arm in ARMS) and "SCoRe Δ > 0" in table and "RLOO→SCoRe" in table
+    from experiments.pooled import results_markdown
+
+    assert "Seeds: [0, 1]" in results_markdown(output, ["base", "rloo", "score"], "test")  # the arms both seeds ran
     for png in ("curves.png", "comparison.png"):
         assert (output / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mtime = {arm: (output / "seed0" / arm / "summary.json").stat().st_mtime_ns for arm in ARMS[1:]}
-    args.resume = True
+    args.seeds, args.arms = [0], list(ARMS)
     main(setup)  # a stopped run continues: finished arms are kept, not redone
     assert {arm: (output / "seed0" / arm / "summary.json").stat().st_mtime_ns for arm in ARMS[1:]} == mtime
-    args.resume, args.arms, args.seeds = False, ["score"], [0]
-    main(setup)  # a rerun replaces the chosen arm and seed only
-    assert (output / "seed0" / "score" / "summary.json").stat().st_mtime_ns != mtime["score"]
-    assert (output / "seed0" / "rloo" / "summary.json").stat().st_mtime_ns == mtime["rloo"]
-    args.arms = ["rloo"]
-    main(setup)  # a retrained rloo arm drops the merged model its old adapter made
+    args.resume, args.arms = False, ["rloo"]
+    main(setup)  # a rerun replaces the chosen arm and seed only, and a retrained rloo arm drops its merged model
+    assert (output / "seed0" / "rloo" / "summary.json").stat().st_mtime_ns != mtime["rloo"]
+    assert (output / "seed0" / "score" / "summary.json").stat().st_mtime_ns == mtime["score"]
     assert not (work / "seed0" / "rloo" / "merged").exists()
     args.arms, args.seeds = ["rloo_then_score"], [7]  # no rloo arm for seed 7
     with pytest.raises(FileNotFoundError, match="run the rloo arm for seed 7 first"):
@@ -270,14 +275,15 @@ def test_a_preempted_arm_saves_a_checkpoint_is_not_evaluated_and_resumes(arm, ti
 
     import score_trl.rewards
     from experiments.reproduce import main, parse_args
-    from score_trl.preemption import PREEMPTED_EXIT_CODE
+    from score_trl.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 
     pending = {"signal": True}
 
     @functools.wraps(numeric_reward)
     def signalling_reward(*args, **kwargs):
         # once training has installed its handler (SCoReTrainer also calls the reward in a dry run at init)
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL and pending.pop("signal", False):
+        training = isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), PreemptionCallback)
+        if training and pending.pop("signal", False):
             os.kill(os.getpid(), signal.SIGTERM)
         return numeric_reward(*args, **kwargs)
 

@@ -2,6 +2,7 @@
 Each stops with a message naming the culprit, and a stopped run leaves its checkpoints resumable."""
 
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -98,8 +99,10 @@ def test_reward_error_during_training_names_function_attempt_row_and_keeps_check
         save_strategy="steps",
         save_steps=1,
     )
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RewardError, match=r"'raise_from_step_two' failed on attempt 1, row 1 .*KeyError.*at step 2"):
         trainer.train()
+    assert signal.getsignal(signal.SIGTERM) == before  # the preemption handler does not outlive a failed run
     checkpoints = sorted(Path(trainer.args.output_dir).glob("checkpoint-*"))
     assert [c.name for c in checkpoints] == ["checkpoint-1", "checkpoint-2"]
     # The run resumes from its last checkpoint once the reward is fixed, in the same step and stage

