@@ -265,10 +265,9 @@ def train_arm(arm: str, setup: Setup, seed: int, start: str, tokenizer, train_da
         processing_class=tokenizer,
         peft_config=get_peft_config(setup.model),
     )
-    signals = setup.training.preemption_signals
-    # SCoReTrainer adds this callback itself; the rloo arms (TRL's RLOOTrainer) get the same stop-and-save rule
-    callback = getattr(trainer, "_preemption", None) or (PreemptionCallback(signals) if signals else None)
-    if callback is not None and callback not in trainer.callback_handler.callbacks:
+    callback = getattr(trainer, "_preemption", None)  # SCoReTrainer adds it itself
+    if callback is None and setup.training.preemption_signals:  # the rloo arms: the same stop-and-save rule
+        callback = PreemptionCallback(setup.training.preemption_signals)
         trainer.add_callback(callback)
     if resume:
         print(f"[reproduce] {arm} (seed {seed}): resuming from {resume}", flush=True)

@@ -194,23 +194,32 @@ def test_rloo_arm_cuts_completions_at_the_stop_strings_as_score_does(tiny_model_
     assert len(cut[0]) <= 3 < len(full[0])  # the first row was cut at (or before) that token
 
 
+def tiny_reproduction(recipe: str, tiny_model_dir: str, tmp_path: Path, *overrides: str):
+    """A reproduction recipe parsed with the tiny model, 2 steps (Stage I, then II), small splits and overrides."""
+    from experiments.reproduce import parse_args
+
+    argv = [
+        str(RECIPES_DIR / recipe),
+        "--model_name_or_path", tiny_model_dir, "--results_dir", str(tmp_path / "out"),
+        "--work_dir", str(tmp_path / "work"), "--max_steps", "2", "--stage_one_steps", "1",
+        "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
+        "--eval_max_new_tokens", "4", "--n_validation", "6", "--eval_batch_size", "8", *overrides,
+    ]  # fmt: skip
+    setup = parse_args(argv)
+    setup.script.gguf_file = None
+    return setup
+
+
 def test_reproduce_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     """Every arm trains (2 steps) and is evaluated on the test and transfer sets, the rloo and score arms for a second
     seed too; the continuation arms start from the same seed's rloo model; the tables, curves and records come from
     files the run wrote, and a rerun replaces the chosen arms unless resuming."""
 
-    from experiments.reproduce import ARMS, main, parse_args
+    from experiments.reproduce import ARMS, main
 
-    argv = [
-        str(RECIPES_DIR / "smollm2_cpu.yaml"),  # the real recipe, with overrides
-        "--model_name_or_path", tiny_model_dir, "--results_dir", str(tmp_path / "out"),
-        "--work_dir", str(tmp_path / "work"), "--max_steps", "2", "--stage_one_steps", "1",
-        "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
-        "--eval_max_new_tokens", "4", "--n_test", "12", "--n_validation", "6", "--n_transfer", "8",
-        "--eval_batch_size", "8", "--seeds", "0",
-    ]  # fmt: skip
-    setup = parse_args(argv)
-    setup.script.gguf_file = None
+    # the real recipe, with overrides
+    setup = tiny_reproduction("smollm2_cpu.yaml", tiny_model_dir, tmp_path, "--n_test", "12", "--n_transfer", "8",
+                              "--seeds", "0")  # fmt: skip
     args = setup.args
     main(setup)
     args.seeds, args.arms, args.resume = [1], ["base", "rloo", "score"], True  # the base model's evaluation is kept
@@ -274,7 +283,7 @@ def test_a_preempted_arm_saves_a_checkpoint_is_not_evaluated_and_resumes(arm, ti
     import signal
 
     import score_trl.rewards
-    from experiments.reproduce import main, parse_args
+    from experiments.reproduce import main
     from score_trl.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 
     pending = {"signal": True}
@@ -288,16 +297,8 @@ def test_a_preempted_arm_saves_a_checkpoint_is_not_evaluated_and_resumes(arm, ti
         return numeric_reward(*args, **kwargs)
 
     monkeypatch.setattr(score_trl.rewards, "numeric_reward", signalling_reward)
-    argv = [
-        str(RECIPES_DIR / "smollm2_cpu.yaml"),
-        "--model_name_or_path", tiny_model_dir, "--results_dir", str(tmp_path / "out"),
-        "--work_dir", str(tmp_path / "work"), "--max_steps", "2", "--stage_one_steps", "1",
-        "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
-        "--eval_max_new_tokens", "4", "--n_test", "6", "--n_validation", "6", "--n_transfer", "0",
-        "--eval_batch_size", "8", "--seeds", "0", "--arms", arm,
-    ]  # fmt: skip
-    setup = parse_args(argv)
-    setup.script.gguf_file = None
+    setup = tiny_reproduction("smollm2_cpu.yaml", tiny_model_dir, tmp_path, "--n_test", "6", "--n_transfer", "0",
+                              "--seeds", "0", "--arms", arm)  # fmt: skip
     out, work = tmp_path / "out" / "seed0" / arm, tmp_path / "work" / "seed0" / arm
     with pytest.raises(SystemExit) as stopped:
         main(setup)
@@ -359,18 +360,9 @@ def test_feedback_recipe_differs_from_the_reproductions_only_in_arms_evaluation_
 def test_feedback_control_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     """Each arm evaluated without and with the verdict; score_verdict trains with it; the report reads the records."""
     from experiments.feedback_control import load
-    from experiments.reproduce import main, parse_args
+    from experiments.reproduce import main
 
-    argv = [
-        str(RECIPES_DIR / "smollm2_feedback.yaml"),
-        "--model_name_or_path", tiny_model_dir, "--results_dir", str(tmp_path / "out"),
-        "--work_dir", str(tmp_path / "work"), "--max_steps", "2", "--stage_one_steps", "1",
-        "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
-        "--eval_max_new_tokens", "4", "--n_test", "12", "--n_validation", "6", "--eval_batch_size", "8",
-        "--seeds", "0",
-    ]  # fmt: skip
-    setup = parse_args(argv)
-    setup.script.gguf_file = None
+    setup = tiny_reproduction("smollm2_feedback.yaml", tiny_model_dir, tmp_path, "--n_test", "12", "--seeds", "0")
     output = main(setup)
     for arm in ("base", "seed0/score_verdict", "seed0/rloo"):
         plain = [json.loads(line) for line in (output / arm / "records.jsonl").read_text().splitlines()]
