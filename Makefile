@@ -43,7 +43,7 @@ demo: install
 
 # The self-correction result and its ablations on generated arithmetic (CPU, ~2 hours per seed; docs/results). One arm:
 # make reproduce ARMS=score (several: ARMS="score rloo"), SEEDS="0 1 2"; RESUME=1 keeps arms a stopped run finished;
-# RECIPE=recipes/reproduce/gemma3_270m_cpu.yaml for the second model
+# RECIPE=recipes/reproduce/gemma3_270m_plain.yaml for the second model (a base model, plain-text prompts)
 RECIPE ?= recipes/reproduce/smollm2_cpu.yaml
 reproduce: install
 	$(PY) scripts/reproduce.py $(RECIPE) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(ARMS),--arms $(ARMS)) $(if $(RESUME),--resume true)

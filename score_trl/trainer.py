@@ -67,7 +67,13 @@ class SCoReTrainer(RLOOTrainer):
     trainer = SCoReTrainer(
         model,
         reward_funcs=exact_match_reward,
-        args=SCoReConfig(output_dir="SmolLM2-SCoRe", max_completion_length=32, stage_one_steps=1, max_steps=2),
+        args=SCoReConfig(
+            output_dir="SmolLM2-SCoRe",
+            per_device_train_batch_size=4,  # 2 prompts x num_generations=2 first attempts
+            max_completion_length=16,
+            stage_one_steps=1,
+            max_steps=2,
+        ),
         train_dataset=dataset,
         processing_class=tokenizer,
     )
