@@ -12,6 +12,7 @@ folder) and with a verdict (its `feedback_verdict/`):
   another seed's training would come out).
 """
 
+import json
 from pathlib import Path
 
 from score_trl.config import CORRECT_THRESHOLD
@@ -72,6 +73,13 @@ def load(output: Path) -> dict:
     return found
 
 
+def split_of(output: Path) -> str:
+    """The split the runs in `output` were evaluated on, as their run.json files record it."""
+    runs = [*output.glob("base/run.json"), *output.glob("seed[0-9]*/*/run.json")]
+    splits = sorted({json.loads(p.read_text()).get("eval_split", "test") for p in runs})
+    return f"{' and '.join(splits)} split" if splits else "split not recorded"
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -84,8 +92,8 @@ def report(output: Path) -> str:
     found = load(output)
     seeds = sorted({seed for (arm, seed, _) in found if seed is not None})
     lines = ["# Feedback control: SmolLM2-135M-Instruct, arithmetic, verdict in the correction turn", ""]
-    lines += ["Written by `experiments/feedback_control.py` from the records in this folder. Greedy, two "
-              "attempts, test split; every model evaluated without feedback and with a verdict.", ""]  # fmt: skip
+    lines += ["Written by `experiments/feedback_control.py` from the records in this folder. Greedy, two attempts, "
+              f"{split_of(output)}; every model evaluated without feedback and with a verdict.", ""]  # fmt: skip
     lines += ["## Per seed", ""]
     lines += ["| seed | arm | evaluated with | Acc@t1 | Acc@t2 | Δ | i→c | c→i | McNemar p | told incorrect | "
               "of those, answer changed | sampled tokens | prompts |",
@@ -157,6 +165,42 @@ def interval(result: dict) -> str:
     if result["low"] != result["low"]:  # NaN: one seed
         return "–"
     return f"[{signed(result['low'])}, {signed(result['high'])}]"
+
+
+def learns(score: dict, base: dict) -> bool:
+    """The budget search's rule for "learns" (fixed before its evaluations existed; `docs/results/feedback/README.md`):
+    with the verdict, i→c above c→i with an exact McNemar p < 0.05, and c→i no higher than the base model's."""
+    return score["i2c"] > score["c2i"] and score["p"] < 0.05 and score["c2i"] <= base["c2i"]
+
+
+def budget_report(output: str | Path) -> str:
+    """The budget search (issue 32, item 3) from the records in `output`: the base model (`base/`) and each checkpoint
+    (`checkpoints/step<N>/<none|verdict>/`), all on the validation split; the rule in `learns`, per checkpoint."""
+    output = Path(output)
+
+    def stats(path: Path) -> dict | None:
+        return row_stats(read_records(path, repair=False)) if path.is_file() else None
+
+    base = stats(output / "base" / "feedback_verdict" / "records.jsonl")
+    evaluations = [("base", "none", stats(output / "base" / "records.jsonl")), ("base", "verdict", base)]
+    steps = sorted(int(f.name[4:]) for f in output.glob("checkpoints/step[0-9]*"))
+    for step in steps:
+        for mode in FEEDBACK:
+            evaluations.append(
+                (f"step {step}", mode, stats(output / "checkpoints" / f"step{step}" / mode / "records.jsonl"))
+            )
+    lines = ["| model | evaluated with | n | Acc@t1 | Acc@t2 | Δ | i→c | c→i | McNemar p | told incorrect | "
+             "of those, answer changed | learns (rule) |", "|---" * 12 + "|"]  # fmt: skip
+    for model, mode, s in evaluations:
+        if s is None:
+            continue
+        told = "–" if s["told"] is None else pct(s["told"])
+        acted = "–" if s["told"] is None else f"{s['acted'][0]} of {s['acted'][1]}"
+        rule = "–" if mode != "verdict" or model == "base" or base is None else ("yes" if learns(s, base) else "no")
+        cells = [model, mode, s["n"], pct(s["acc1"]), pct(s["acc2"]), signed(s["delta"]), s["i2c"], s["c2i"],
+                 f"{s['p']:.3g}", told, acted, rule]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_report(output: str | Path) -> Path:

@@ -387,4 +387,5 @@ def test_feedback_control_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path)
     assert found[("base", None, "none")]["told"] is None
     table = (output / "results.md").read_text()
     assert "| 0 | score_verdict | verdict |" in table and "## Targets, per seed" in table and "t over seeds" in table
+    assert "Greedy, two attempts, test split;" in table  # read from the runs' run.json
     assert f"| {acted} of {len(incorrect)} |" in table

@@ -108,3 +108,31 @@ def test_results_page_from_files(tmp_path):
     assert "**met**" in target and "+30.0 [+17.6, +42.4]" in target
     best = next(line for line in page.splitlines() if line.startswith("- SCoRe's Acc@t2"))
     assert "(base, 25.0)" in best and "**met**" in best
+
+
+def test_budget_report_applies_the_learning_rule_per_checkpoint(tmp_path):
+    """The feedback control's budget rule on hand-made validation records: i→c > c→i with exact McNemar p < 0.05, and
+    c→i no higher than the base model's with the verdict (2 here)."""
+    from experiments.feedback_control import budget_report
+
+    def write(folder, i2c, c2i, same=10):
+        pairs = [(0, 1)] * i2c + [(1, 0)] * c2i + [(1, 1)] * same + [(0, 0)] * same
+        rows = records(pairs)
+        if "verdict" in folder.name:  # the verdict the correction turn carried, as the evaluation records it
+            rows = [dict(r, feedback_1=f"Your answer is {'correct' if r['reward_1'] else 'incorrect'}.") for r in rows]
+        folder.mkdir(parents=True)
+        (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write(tmp_path / "base", 0, 0)
+    write(tmp_path / "base" / "feedback_verdict", 0, 2)
+    # told "incorrect": the i→c rows and the 10 wrong twice, of which the i→c rows changed their answer
+    # p = 2 / 2**6 = 0.031 (learns); 2 / 2**5 = 0.0625 (no); 2 * 576 / 2**15 = 0.035 but 3 c→i > 2 (no)
+    for step, (i2c, c2i) in {32: (6, 0), 64: (5, 0), 128: (12, 3)}.items():
+        write(tmp_path / "checkpoints" / f"step{step}" / "verdict", i2c, c2i)
+        write(tmp_path / "checkpoints" / f"step{step}" / "none", 0, 0)
+    rows = {tuple(line.split(" | ")[:2]): line for line in budget_report(tmp_path).splitlines()[2:]}
+    assert rows[("| step 32", "verdict")].endswith("| 6 | 0 | 0.0312 | 61.5 | 6 of 16 | yes |")
+    assert rows[("| step 64", "verdict")].endswith("| 5 | 0 | 0.0625 | 60.0 | 5 of 15 | no |")
+    assert rows[("| step 128", "verdict")].endswith("| 12 | 3 | 0.0352 | 62.9 | 12 of 22 | no |")
+    assert rows[("| step 32", "none")].endswith("| – | – | – |") and ("| base", "verdict") in rows
+    assert [key[0] for key in rows] == ["| base"] * 2 + ["| step 32"] * 2 + ["| step 64"] * 2 + ["| step 128"] * 2
