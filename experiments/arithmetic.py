@@ -6,6 +6,11 @@ A problem is a fact (a, op, b) with operands in [0, max_operand] and op in +, �
 non-negative), asked in symbols ("What is 7 + 12?") or in words ("What is seven plus twelve?"). Splits are made over
 facts, with a + b and b + a (and a × b, b × a) one fact, so no test question is a train question re-worded or with its
 operands swapped.
+
+With `two_choices`, each question also offers its answer and one distractor (the answer ± 1 or 2, never negative) in
+random order: "What is 7 + 12? Is it 19 or 21?". A verdict then tells a model everything it needs for its second
+attempt (after "incorrect", the other choice is right), which makes this the setting where a correction turn that
+carries feedback certainly has something to learn (issue 32's positive control).
 """
 
 import json
@@ -45,7 +50,16 @@ def question(a: int, op: str, b: int, words: bool) -> str:
     return f"What is {a} {symbol} {b}?"
 
 
-def _rows(split_facts, rng: random.Random, both_orders: bool) -> list[dict]:
+def with_choices(text: str, answer: int, rng: random.Random) -> str:
+    """The question followed by its answer and a distractor 1 or 2 away (above the answer when below would be
+    negative), in an order drawn from `rng`."""
+    offset = rng.choice((-2, -1, 1, 2))
+    distractor = answer + offset if answer + offset >= 0 else answer - offset
+    first, second = (answer, distractor) if rng.random() < 0.5 else (distractor, answer)
+    return f"{text} Is it {first} or {second}?"
+
+
+def _rows(split_facts, rng: random.Random, both_orders: bool, choices: random.Random | None = None) -> list[dict]:
     rows = []
     for a, op, b in split_facts:
         orders = [(a, b), (b, a)] if both_orders and op != "-" and a != b else [(a, b)]
@@ -53,7 +67,9 @@ def _rows(split_facts, rng: random.Random, both_orders: bool) -> list[dict]:
             orders = [(b, a)]
         for x, y in orders:
             for words in (False, True) if both_orders else (rng.random() < 0.5,):
-                rows.append({"question": question(x, op, y, words), "answer": str(solve(x, op, y))})
+                text, answer = question(x, op, y, words), solve(x, op, y)
+                text = with_choices(text, answer, choices) if choices is not None else text
+                rows.append({"question": text, "answer": str(answer)})
     rng.shuffle(rows)
     return rows
 
@@ -72,13 +88,17 @@ def split_facts_of(seed: int = 0, n_test: int = 320, n_validation: int = 120, ma
     }
 
 
-def make_splits(seed: int = 0, n_test: int = 320, n_validation: int = 120, max_operand: int = 20) -> dict:
+def make_splits(
+    seed: int = 0, n_test: int = 320, n_validation: int = 120, max_operand: int = 20, two_choices: bool = False
+) -> dict:
     """{"train", "validation", "test"} lists of {"id", "question", "answer"} rows over disjoint facts. Validation and
     test ask each fact once (one order, one wording drawn at random); train asks its facts in both orders and both
-    wordings."""
+    wordings. `two_choices` adds the choices from their own random stream, so the facts, orders and wordings stay
+    those of the plain splits."""
     splits = {}
     for name, split_facts in split_facts_of(seed, n_test, n_validation, max_operand).items():
-        rows = _rows(split_facts, random.Random(f"{seed}-{name}"), both_orders=name == "train")
+        choices = random.Random(f"{seed}-{name}-choices") if two_choices else None
+        rows = _rows(split_facts, random.Random(f"{seed}-{name}"), both_orders=name == "train", choices=choices)
         splits[name] = [{"id": f"{name}-{i}", **row} for i, row in enumerate(rows)]
     return splits
 

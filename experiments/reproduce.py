@@ -94,6 +94,13 @@ class ReproduceArguments:
     problem_seed: int = field(default=0, metadata={"help": "Seed of the problem generator (fixes the splits)."})
     n_test: int = field(default=320, metadata={"help": "Facts in the test split (one question each)."})
     n_validation: int = field(default=120, metadata={"help": "Facts in the validation split (one question each)."})
+    two_choices: bool = field(
+        default=False,
+        metadata={
+            "help": "Offer each question's answer and one distractor ('What is 7 + 12? Is it 19 or 21?'): after the "
+            "verdict 'incorrect' the other choice is right (issue 32's positive control). Same facts and splits."
+        },
+    )
     seeds: list[int] = field(
         default_factory=lambda: [0],
         metadata={"help": "Training seeds (sampling, data order, LoRA init); every trained arm runs once per seed."},
@@ -156,7 +163,8 @@ def load(setup: Setup):
     args, script = setup.args, setup.script
     path, tokenizer = resolve_model(setup.model.model_name_or_path, script.gguf_file, script.chat_template)
     data_dir = Path(args.work_dir) / "data"
-    files = write_splits(data_dir, seed=args.problem_seed, n_test=args.n_test, n_validation=args.n_validation)
+    files = write_splits(data_dir, seed=args.problem_seed, n_test=args.n_test, n_validation=args.n_validation,
+                         two_choices=args.two_choices)  # fmt: skip
     if args.eval_split == "test" and args.n_transfer > 0:  # test facts: never looked at while choosing settings
         files["transfer"] = write_transfer(
             data_dir / "transfer.jsonl",
@@ -380,6 +388,8 @@ def main(setup: Setup) -> Path:
         raise ValueError(f"eval_split={args.eval_split!r}: use validation or test.")
     if not args.seeds:
         raise ValueError("seeds is empty: give at least one training seed, e.g. --seeds 0 1 2.")
+    if args.two_choices and args.n_transfer > 0 and args.eval_split == "test":
+        raise ValueError("two_choices with n_transfer > 0: the transfer set has no choices; set n_transfer: 0.")
     output = Path(args.results_dir)
     path, tokenizer, data = load(setup)
     for seed in args.seeds:

@@ -56,6 +56,22 @@ def test_splits_are_disjoint_seeded_and_sized():
         make_splits(n_test=600, n_validation=100)
 
 
+def test_two_choices_offer_the_answer_and_one_near_distractor_over_the_same_splits():
+    plain, offered = make_splits(seed=0), make_splits(seed=0, two_choices=True)
+    assert make_splits(seed=0) == plain  # the plain splits do not depend on whether choices were ever drawn
+    for name, rows in offered.items():
+        first_is_answer = []
+        for row, base in zip(rows, plain[name], strict=True):
+            stem, choices = row["question"].split(" Is it ")
+            first, second = (int(x) for x in re.fullmatch(r"(\d+) or (\d+)\?", choices).groups())
+            assert stem == base["question"] and row["answer"] == base["answer"]
+            answer = int(row["answer"])
+            distractor = second if first == answer else first
+            assert answer in (first, second) and distractor != answer and 1 <= abs(distractor - answer) <= 2
+            first_is_answer.append(first == answer)
+        assert 0.4 < sum(first_is_answer) / len(first_is_answer) < 0.6, name  # the answer's place is drawn
+
+
 def test_numeric_reward_reads_the_last_number():
     completions = [
         [{"role": "assistant", "content": text}]
@@ -348,24 +364,34 @@ def test_continuation_arms_start_from_the_rloo_adapter_merged(tiny_model_dir, to
 
 
 def test_feedback_recipe_differs_from_the_reproductions_only_in_arms_evaluation_and_folders():
-    from experiments.reproduce import parse_args
+    from experiments.reproduce import main, parse_args
 
     smollm2 = flat(parse_args([str(RECIPES_DIR / "smollm2_cpu.yaml")]))
     control = flat(parse_args([str(RECIPES_DIR / "smollm2_feedback.yaml")]))
     differing = {key for key in smollm2 if smollm2[key] != control[key]}
     assert differing == {"arms", "eval_feedback", "n_transfer", "results_dir", "work_dir"}, differing
     assert control["arms"] == ["base", "score_verdict", "rloo"] and control["eval_feedback"] == ["none", "verdict"]
+    choice = flat(parse_args([str(RECIPES_DIR / "smollm2_feedback_choice.yaml")]))
+    assert {key for key in control if control[key] != choice[key]} == {"two_choices", "results_dir", "work_dir"}
+    assert choice["two_choices"] is True and choice["n_transfer"] == 0
+    with pytest.raises(ValueError, match="the transfer set has no choices; set n_transfer: 0"):  # before any model
+        main(parse_args([str(RECIPES_DIR / "smollm2_feedback_choice.yaml"), "--n_transfer", "8"]))
 
 
 def test_feedback_control_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
-    """Each arm evaluated without and with the verdict; score_verdict trains with it; the report reads the records."""
+    """Each arm evaluated without and with the verdict; score_verdict trains with it; the report reads the records.
+    Run with the two-choice recipe (which differs from smollm2_feedback.yaml only there and in its folders, as tested
+    above), so the choices reach the prompts too."""
     from experiments.feedback_control import load
     from experiments.reproduce import main
 
-    setup = tiny_reproduction("smollm2_feedback.yaml", tiny_model_dir, tmp_path, "--n_test", "12", "--seeds", "0")
+    setup = tiny_reproduction(
+        "smollm2_feedback_choice.yaml", tiny_model_dir, tmp_path, "--n_test", "12", "--seeds", "0"
+    )
     output = main(setup)
     for arm in ("base", "seed0/score_verdict", "seed0/rloo"):
         plain = [json.loads(line) for line in (output / arm / "records.jsonl").read_text().splitlines()]
+        assert all(re.search(r"\? Is it \d+ or \d+\?", r["question"]) for r in plain)
         told = [
             json.loads(line) for line in (output / arm / "feedback_verdict" / "records.jsonl").read_text().splitlines()
         ]
