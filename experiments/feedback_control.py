@@ -80,6 +80,13 @@ def split_of(output: Path) -> str:
     return f"{' and '.join(splits)} split" if splits else "split not recorded"
 
 
+def feedback_cells(s: dict) -> tuple[str, str]:
+    """The "told incorrect" and "of those, answer changed" cells of an evaluation's row ("–" without feedback)."""
+    if s["told"] is None:
+        return "–", "–"
+    return pct(s["told"]), f"{s['acted'][0]} of {s['acted'][1]}"
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -106,8 +113,7 @@ def report(output: Path) -> str:
                 s = found.get((arm, key_seed, mode))
                 if s is None:
                     continue
-                told = "–" if s["told"] is None else pct(s["told"])
-                acted = "–" if s["told"] is None else f"{s['acted'][0]} of {s['acted'][1]}"
+                told, acted = feedback_cells(s)
                 spent = ("–", "–") if not cost else (f"{cost['sampled_tokens']:,}", str(cost["prompts"]))
                 cells = [seed, arm, mode, pct(s["acc1"]), pct(s["acc2"]), signed(s["delta"]), s["i2c"], s["c2i"],
                          f"{s['p']:.3g}", told, acted, *spent]  # fmt: skip
@@ -194,8 +200,7 @@ def budget_report(output: str | Path) -> str:
     for model, mode, s in evaluations:
         if s is None:
             continue
-        told = "–" if s["told"] is None else pct(s["told"])
-        acted = "–" if s["told"] is None else f"{s['acted'][0]} of {s['acted'][1]}"
+        told, acted = feedback_cells(s)
         rule = "–" if mode != "verdict" or model == "base" or base is None else ("yes" if learns(s, base) else "no")
         cells = [model, mode, s["n"], pct(s["acc1"]), pct(s["acc2"]), signed(s["delta"]), s["i2c"], s["c2i"],
                  f"{s['p']:.3g}", told, acted, rule]  # fmt: skip
