@@ -1,11 +1,13 @@
 """Generators for evaluation: callables from prompt token ids to completion token ids, and the multi-attempt rollout
 built on them with the correction turn spliced in as token ids, exactly as in training (`score_trl.turns`)."""
 
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation import ContinuousBatchingConfig
 from trl.trainer.utils import pad
 
 from .models import id_list
@@ -66,11 +68,37 @@ class TransformersGenerator:
         return cut_at_stop_strings(rows, self.tokenizer, self.stop_strings)
 
     def _continuous(self, prompt_ids):
-        outputs = self.model.generate_batch(prompt_ids, generation_config=self.config, progress_bar=False)
+        on_cpu = self.model.device.type == "cpu"
+        sized = cpu_cache_config(None, prompt_ids, self.config.max_new_tokens) if on_cpu else None
+        outputs = self.model.generate_batch(
+            prompt_ids, generation_config=self.config, continuous_batching_config=sized, progress_bar=False
+        )
         return [outputs[key].generated_tokens for key in outputs]
 
     def _padded(self, prompt_ids):
         return sample_padded(self.model, prompt_ids, self.config, self.tokenizer.pad_token_id)
+
+
+# transformers sizes a continuous-batching KV cache from the device's free memory. On CPU that is the machine's RAM,
+# allocated on every call (TRL's training default takes half of it, transformers' own 90%): six tokens of the tests'
+# tiny model took 25-35 s per call on a 24 GB machine, against 1.5 s with the cache sized for the call (both beside a
+# training run; docs/benchmarks.md has SmolLM2's figures). So on CPU it is sized for each call: every request's prompt
+# and new tokens, in whole pages.
+
+
+def cache_blocks(prompt_lengths: list[int], max_new_tokens: int, page_size: int = 256) -> int:
+    """Cache blocks (pages of `page_size` tokens) that hold every request at once: prompt plus new tokens each."""
+    return sum(math.ceil((length + max_new_tokens) / page_size) for length in prompt_lengths)
+
+
+def cpu_cache_config(settings: dict | None, prompt_ids: list[list[int]], max_new_tokens: int):
+    """`settings` (TRL's `transformers_continuous_batching_config`) with `num_blocks` sized for this call, unless they
+    set it."""
+    kwargs = dict(settings or {})
+    if kwargs.get("num_blocks") is None:
+        page_size = kwargs.get("page_size") or ContinuousBatchingConfig.page_size
+        kwargs["num_blocks"] = cache_blocks([len(p) for p in prompt_ids], max_new_tokens, page_size)
+    return ContinuousBatchingConfig(**kwargs)
 
 
 def sample_padded(model, prompt_ids, generation_config, pad_token_id, pad_to_multiple_of=None) -> list[list[int]]:

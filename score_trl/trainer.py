@@ -16,7 +16,14 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 from .checkpoints import last_complete_checkpoint
 from .config import SCoReConfig
 from .feedback import CorrectionTurns
-from .generation import cut_at_stop_strings, first_attempts, one_generation_per_row, roll_out, stops_in
+from .generation import (
+    cpu_cache_config,
+    cut_at_stop_strings,
+    first_attempts,
+    one_generation_per_row,
+    roll_out,
+    stops_in,
+)
 from .inputs import TRAINER_COLUMNS, check_inputs
 from .logprobs import per_token_logps
 from .logs import (
@@ -109,7 +116,8 @@ class SCoReTrainer(RLOOTrainer):
       the process with status 75 (`score_trl.checkpoints`, `score_trl.preemption`).
     - `_generate_single_turn`: RLOO's, unless `generation_weights="merged"`, which samples with padded `generate` from
       a merged copy of the LoRA policy synced after every optimizer step (`score_trl.merged_generation`); with
-      `stop_strings`, each completion is cut at the token that completes the first one.
+      `stop_strings`, each completion is cut at the token that completes the first one. With transformers' continuous
+      batching on CPU, the KV cache is sized for each call, not from the RAM (`generation.cpu_cache_config`).
     - `vllm_generation.sync_weights` (an attribute, not a method): a colocated vLLM engine on CPU is synced through
       vLLM's reload path, where TRL's per-parameter push fails on repacked weights (`score_trl.vllm_sync`).
 
@@ -242,6 +250,11 @@ class SCoReTrainer(RLOOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
         # generation_weights="merged": RLOO's padded path, on a merged copy of the policy synced to this step
         if self.args.generation_weights == "policy":
+            if self.use_transformers_continuous_batching and self.accelerator.device.type == "cpu":
+                # RLOO's continuous batching reads this; on CPU it is sized per call (`generation.cpu_cache_config`)
+                self.continuous_batching_config = cpu_cache_config(
+                    self.args.transformers_continuous_batching_config, prompt_ids, self.args.max_completion_length
+                )
             completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields)
         else:
             completion_ids = generate_merged(self, prompt_ids)

@@ -68,7 +68,19 @@ def full_parameters(trainer) -> dict[str, torch.Tensor]:
     return out
 
 
+def skip_deepspeed_shm_op():
+    """DeepSpeed on CPU JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`, C++) when it first starts on a
+    machine: about 35 s of every CI run, which starts from an empty `~/.cache/torch_extensions`. Marked incompatible,
+    DeepSpeed reduces over gloo instead, as the DDP runs it is compared with do. Users keep the op (README,
+    Multi-GPU); GPUs never use it."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # read by deepspeed.comm.torch.build_shm_op
+
+
 def main():
+    skip_deepspeed_shm_op()
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
     parser.add_argument("output_dir")

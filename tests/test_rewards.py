@@ -277,8 +277,12 @@ def test_mbpp_reference_solutions_pass_and_broken_ones_fail():
     columns = dict(test_list=[r["test_list"] for r in rows], test_setup_code=[r["test_setup_code"] for r in rows])
     reference = [chat(f"```python\n{r['code']}\n```") for r in rows]
     assert code_execution_reward(reference, **columns) == [1.0] * len(rows)
-    broken = [chat(re.sub(r"\breturn\b", "return None and ", r["code"])) for r in rows]  # every function returns None
-    assert code_execution_reward(broken, **columns) == [0.0] * len(rows)
+    # Every reference solution passes (a check of the data and the sandbox); that the reward fails broken code needs
+    # no more than every 8th row (the whole set doubled this test's ~100 s). Broken: every function returns None.
+    sample = rows[::8]
+    broken = [chat(re.sub(r"\breturn\b", "return None and ", r["code"])) for r in sample]
+    columns = {key: values[::8] for key, values in columns.items()}
+    assert code_execution_reward(broken, **columns) == [0.0] * len(sample)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

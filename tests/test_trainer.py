@@ -9,6 +9,7 @@ from trl.trainer.utils import pad
 
 from score_trl import SCoReTrainer
 from score_trl.feedback import VERDICT_CORRECT, VERDICT_INCORRECT, correction_text
+from score_trl.generation import cache_blocks, cpu_cache_config
 from score_trl.stats import change_flags
 from score_trl.turns import instruction_for, next_attempt_prompts
 
@@ -60,6 +61,16 @@ def test_rollout_layout_keeps_sampled_first_attempt(tmp_path, tiny_model_dir, to
     for t in range(1, num_attempts + 1):
         rescored = letter_reward([[{"content": text}] for text in logs[f"attempt_{t}"]])
         assert list(logs[f"reward_{t}"]) == pytest.approx(rescored)
+    if backend == "continuous_batching":  # on CPU the cache holds this call's requests, one 256-token page each here
+        assert trainer.continuous_batching_config.num_blocks == len(inputs)
+
+
+def test_cpu_continuous_batching_cache_is_sized_for_the_call():
+    # Whole pages per request: 10 + 6 tokens -> 1, 300 + 6 -> 2, 250 + 6 = 256 -> exactly 1
+    assert cache_blocks([10, 300, 250], max_new_tokens=6) == 4
+    config = cpu_cache_config({"page_size": 16, "max_batch_tokens": 64}, [[1] * 20, [1] * 3], max_new_tokens=6)
+    assert (config.num_blocks, config.page_size, config.max_batch_tokens) == (2 + 1, 16, 64)
+    assert cpu_cache_config({"num_blocks": 7}, [[1] * 900], max_new_tokens=6).num_blocks == 7  # the user's setting
 
 
 @pytest.mark.parametrize("backend", ["generate", "static_cache", "merged", "feedback", "plain"])
