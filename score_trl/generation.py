@@ -86,7 +86,9 @@ class TransformersGenerator:
 # and new tokens, in whole pages.
 
 
-def cache_blocks(prompt_lengths: list[int], max_new_tokens: int, page_size: int = 256) -> int:
+def cache_blocks(
+    prompt_lengths: list[int], max_new_tokens: int, page_size: int = ContinuousBatchingConfig.page_size
+) -> int:
     """Cache blocks (pages of `page_size` tokens) that hold every request at once: prompt plus new tokens each."""
     return sum(math.ceil((length + max_new_tokens) / page_size) for length in prompt_lengths)
 
