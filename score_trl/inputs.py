@@ -55,8 +55,9 @@ def check_dataset(dataset, name: str, prompts_per_generation: int | None = None)
     columns = getattr(dataset, "column_names", None)
     if columns is not None and "prompt" not in columns:
         raise ValueError(
-            f"{name} has no 'prompt' column (columns: {columns}). Map each row to a conversational prompt, e.g. "
-            "`dataset.map(lambda x: {'prompt': [{'role': 'user', 'content': x['question']}]})`."
+            f"{name} has no 'prompt' column (columns: {columns}). Map each row to a conversational prompt for a "
+            "chat model, e.g. `dataset.map(lambda x: {'prompt': [{'role': 'user', 'content': x['question']}]})`, "
+            "or to a plain-text one for a base model, e.g. `dataset.map(lambda x: {'prompt': x['question']})`."
         )
     if prompts_per_generation and isinstance(dataset, Dataset) and len(dataset) < prompts_per_generation:
         raise ValueError(

@@ -72,7 +72,10 @@ def build(tmp_path, tiny_model_dir, tokenizer, dataset=None, **kwargs):
 
 
 def test_missing_prompt_column(tmp_path, tiny_model_dir, tokenizer):
-    with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column \(columns: \['question'\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"train_dataset has no 'prompt' column \(columns: \['question'\]\).*plain-text one for a base model",
+    ):
         build(tmp_path, tiny_model_dir, tokenizer, Dataset.from_dict({"question": ["a"] * 4}))
 
 
