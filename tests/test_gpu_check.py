@@ -104,10 +104,13 @@ def test_gpu_check_cpu_mode_runs_the_gpu_order_and_survives_an_overrun(tmp_path,
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    # The rehearsal: the recipe's second step gets 8 s, so it is stopped while it loads, and everything after it runs
+    # The rehearsal: the recipe's second step gets 1 s, so it is stopped while it loads, and everything after it runs.
+    # Not more: the whole stage (accelerate's launcher, the trainer's imports, the model, one step) ends in 8 s here
+    # and faster on CI's machine, which once made an 8 s limit pass the stage. At 1 s `accelerate launch` alone is
+    # still importing (1.3-1.6 s measured); the group kill of a stage's descendants has its own exact test above.
     command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--tokenizer", tiny_model_dir,
                "--data", str(data), "--output", str(out), "--work", str(tmp_path / "work"),
-               "--limit", "recipe_step2=8", "--grace", "2"]  # fmt: skip
+               "--limit", "recipe_step2=1", "--grace", "2"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -120,7 +123,7 @@ def test_gpu_check_cpu_mode_runs_the_gpu_order_and_survives_an_overrun(tmp_path,
     assert {name: stages[name]["status"] for name in ok} == dict.fromkeys(ok, "ok"), log[-4000:]
     # The overrun: stopped at its limit, nothing of it left, and the stage after it still ran
     overrun = stages["recipe_step2"]
-    assert overrun["status"] == "timed out after 8 s" and "left_running" not in overrun
+    assert overrun["status"] == "timed out after 1 s" and "left_running" not in overrun
     assert not running_in_group(overrun["pgid"]) and stages["ratio_512"]["status"] == "ok"
     # The recipe's step, in Stage II, read from the step report the trainer wrote as it logged
     recipe = stages["recipe_step"]
@@ -135,7 +138,7 @@ def test_gpu_check_cpu_mode_runs_the_gpu_order_and_survives_an_overrun(tmp_path,
     decode = gpu_check.measured(stages)["decode_ms_by_backend"]
     assert set(decode) == {"continuous_batching", "generate", "merged"} and min(decode.values()) > 0
     table = (out / "gpu_check.md").read_text()
-    assert "| recipe_step | ok |" in table and "| recipe_step2 | timed out after 8 s |" in table
+    assert "| recipe_step | ok |" in table and "| recipe_step2 | timed out after 1 s |" in table
     assert "| peak GPU memory with nf4 (recipe step, max_memory_allocated) | missing |" in table
     assert "===== recipe_step2: timed out" in log and "Fastest generation backend here" in table
 
